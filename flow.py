@@ -1,0 +1,448 @@
+"""
+Flow matching on MNIST, from scratch, in one file.
+
+A UNet u_theta(x_t, t, c) learns the velocity of straight paths from Gaussian noise x0 to
+digits x1: x_t = (1 - t) x0 + t x1 moves at u = x1 - x0 (B.3, B.4), so training is plain
+regression (B.5). Sampling integrates dx/dt = u_theta from t = 0 (noise) to t = 1 (a digit)
+with Euler steps; with class conditioning, classifier-free guidance mixes the conditional
+and unconditional velocities. The architecture, algorithms B.1-B.4 and defaults follow
+the course assignment (see README.md).
+
+    python flow.py --cond class --epochs 10        # class-conditioned, 4 of each digit
+    python flow.py --cond time --epochs 10         # time-only, 40 unconditional digits
+    python flow.py --cond class --epochs 1 --limit 2048   # a quick check on a CPU
+    python flow.py --sample-only --ckpt samples/flow_class/ckpt.pt --solver heun --steps 25
+
+Outputs go to --out (default samples/flow_<cond>): loss.csv, loss.png, samples_epochNN.png
+and ckpt.pt, written after every epoch; --resume ckpt.pt continues an interrupted run.
+"""
+import argparse
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from PIL import Image, ImageDraw
+
+# -----------------------------------------------------------------------------
+# building blocks (the assignment's standard UNet operations)
+
+
+def bn_gelu(layer):
+    """Conv, DownConv, UpConv and Unflatten are one layer followed by BatchNorm and GELU."""
+    return nn.Sequential(layer, nn.BatchNorm2d(layer.out_channels), nn.GELU())
+
+
+class ConvBlock(nn.Sequential):  # i x H x W -> o x H x W
+    def __init__(self, i, o):
+        super().__init__(bn_gelu(nn.Conv2d(i, o, 3, 1, 1)), bn_gelu(nn.Conv2d(o, o, 3, 1, 1)))
+
+
+class DownBlock(nn.Sequential):  # i x H x W -> o x H/2 x W/2
+    def __init__(self, i, o):
+        super().__init__(bn_gelu(nn.Conv2d(i, o, 3, 2, 1)), ConvBlock(o, o))
+
+
+class UpBlock(nn.Sequential):  # i x H x W -> o x 2H x 2W
+    def __init__(self, i, o):
+        super().__init__(bn_gelu(nn.ConvTranspose2d(i, o, 4, 2, 1)), ConvBlock(o, o))
+
+
+class FCBlock(nn.Sequential):  # embeds the conditioning signal t or c
+    def __init__(self, i, o):
+        super().__init__(nn.Linear(i, o), nn.GELU(), nn.Linear(o, o))
+
+
+# -----------------------------------------------------------------------------
+# the conditioned UNet
+
+
+class UNet(nn.Module):
+    """u_theta(x_t, t, c). num_classes=0 conditions on time only; num_classes=10 adds the
+    digit class as a one-hot c, where c = 0 means "no class" (for classifier-free guidance)."""
+
+    def __init__(self, hidden=64, num_classes=0):
+        super().__init__()
+        D = hidden
+        self.num_classes = num_classes
+        self.conv_in = ConvBlock(1, D)
+        self.down1 = DownBlock(D, D)
+        self.down2 = DownBlock(D, 2 * D)
+        self.flatten = nn.Sequential(nn.AvgPool2d(7), nn.GELU())  # 2D x 7 x 7 -> 2D x 1 x 1
+        self.unflatten = bn_gelu(nn.ConvTranspose2d(2 * D, 2 * D, 7, 7, 0))  # back to 7 x 7
+        self.up1 = UpBlock(4 * D, D)
+        self.up2 = UpBlock(2 * D, D)
+        self.conv_out = nn.Sequential(ConvBlock(2 * D, D), nn.Conv2d(D, 1, 3, 1, 1))
+        self.fc1_t, self.fc2_t = FCBlock(1, 2 * D), FCBlock(1, D)
+        if num_classes:
+            self.fc1_c, self.fc2_c = FCBlock(num_classes, 2 * D), FCBlock(num_classes, D)
+
+    def forward(self, x_t, t, c=None):
+        # x_t: B x 1 x 28 x 28, t: B x 1 in [0, 1], c: B x num_classes one-hot (or zeros)
+        e0 = self.conv_in(x_t)  # D x 28 x 28
+        e1 = self.down1(e0)  # D x 14 x 14
+        e2 = self.down2(e1)  # 2D x 7 x 7
+        mid = self.unflatten(self.flatten(e2))  # 2D x 7 x 7
+        t1, t2 = self.fc1_t(t)[..., None, None], self.fc2_t(t)[..., None, None]
+        if self.num_classes:
+            c1, c2 = self.fc1_c(c)[..., None, None], self.fc2_c(c)[..., None, None]
+            mid = c1 * mid + t1
+        else:
+            mid = mid * t1
+        h1 = self.up1(torch.cat([e2, mid], 1))  # D x 14 x 14
+        h1 = c2 * h1 + t2 if self.num_classes else h1 * t2
+        h2 = self.up2(torch.cat([e1, h1], 1))  # D x 28 x 28
+        return self.conv_out(torch.cat([e0, h2], 1))  # 1 x 28 x 28
+
+
+# -----------------------------------------------------------------------------
+# flow matching: the loss (Algorithms B.1 and B.3) and the sampler (B.2 and B.4)
+
+
+def flow_matching_loss(model, x1, labels=None, p_uncond=0.1):
+    """Mean squared error between u_theta(x_t, t, c) and the path's velocity x1 - x0 (B.5)."""
+    B = x1.shape[0]
+    x0 = torch.randn_like(x1)
+    t = torch.rand(B, 1, device=x1.device)
+    x_t = (1 - t[:, :, None, None]) * x0 + t[:, :, None, None] * x1  # B.3
+    c = None
+    if labels is not None:  # B.3: drop the class (c = 0) with probability p_uncond
+        keep = torch.rand(B, 1, device=x1.device) >= p_uncond
+        c = F.one_hot(labels, model.num_classes).float() * keep
+    return F.mse_loss(model(x_t, t, c), x1 - x0)
+
+
+@torch.inference_mode()
+def sample(model, num_samples, labels=None, steps=50, guidance=5.0, seed=0, solver="euler", path=None):
+    """Integrate dx/dt = u_theta(x, t) from noise at t = 0 to digits at t = 1 in `steps` steps.
+    labels (a LongTensor of digits) turns on classifier-free guidance with weight `guidance`.
+    euler is the assignment's B.2/B.4 (1 network call a step); midpoint and heun are
+    second-order (2 calls a step). `path`, if a list, receives x at every step, on the CPU.
+    Returns num_samples x 1 x 28 x 28; BatchNorm uses its running statistics meanwhile."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    # a generator of its own, so sampling never shifts the training run's random stream
+    x = torch.randn(num_samples, 1, 28, 28, device=device, generator=torch.Generator(device).manual_seed(seed))
+    if labels is not None:  # cond and uncond halves of one batch: one network call per velocity
+        c = F.one_hot(labels.to(device), model.num_classes).float()
+        c = torch.cat([c, torch.zeros_like(c)])
+
+    def velocity(x, t):
+        t = torch.full((x.shape[0], 1), t, device=device)
+        if labels is None:
+            return model(x, t)
+        u_cond, u_uncond = model(torch.cat([x, x]), torch.cat([t, t]), c).chunk(2)
+        return u_uncond + guidance * (u_cond - u_uncond)  # B.4
+
+    dt = 1.0 / steps
+    for i in range(steps):
+        if path is not None:
+            path.append(x.cpu())
+        t = i * dt
+        if solver == "euler":
+            x = x + dt * velocity(x, t)
+        elif solver == "midpoint":
+            x = x + dt * velocity(x + dt / 2 * velocity(x, t), t + dt / 2)
+        elif solver == "heun":
+            u = velocity(x, t)
+            x = x + dt / 2 * (u + velocity(x + dt * u, t + dt))
+        else:
+            raise ValueError(f"unknown solver {solver!r}: use euler, midpoint or heun")
+    if path is not None:
+        path.append(x.cpu())
+    model.train(was_training)
+    return x
+
+
+# -----------------------------------------------------------------------------
+# data: the whole train split as one uint8 tensor on the device
+
+
+def load_mnist(root, device, limit=None):
+    """Images (N x 28 x 28 uint8) and labels (N) of the MNIST train split, on `device`."""
+    try:
+        data = torchvision.datasets.MNIST(root, train=True, download=True)
+    except (RuntimeError, OSError) as e:
+        raise ValueError(
+            f"MNIST is not in {os.path.join(root, 'MNIST', 'raw')} and could not be downloaded ({str(e).splitlines()[0]}); "
+            "put train-images-idx3-ubyte and train-labels-idx1-ubyte there, or run once with internet access") from e
+    return data.data[:limit].to(device), data.targets[:limit].to(device)
+
+
+# -----------------------------------------------------------------------------
+# outputs: sample grids, the loss curve, checkpoints
+
+
+def grid_image(x, nrow=10, scale=2):
+    """A PIL image of the digits in x (N x 1 x 28 x 28), nrow per row, enlarged `scale` times."""
+    grid = torchvision.utils.make_grid(x.float().clamp(0, 1).cpu(), nrow=nrow, padding=2, pad_value=0.5)
+    img = Image.fromarray(grid[0].mul(255).round().byte().numpy())
+    return img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+
+
+def sample_grid(model, args, path=None):
+    """The assignment's figure: 40 digits; with classes, column k holds 4 samples of digit k."""
+    labels = torch.arange(10).repeat(4) if model.num_classes else None
+    x = sample(model, 40, labels, args.steps, args.guidance, args.seed, args.solver, path)
+    return grid_image(x)
+
+
+def save_gif(path, frames, num_frames=40):
+    """The sampling trajectory as an animated GIF: num_frames evenly spaced steps, then a pause."""
+    picks = sorted({round(k * (len(frames) - 1) / (num_frames - 1)) for k in range(num_frames)})
+    images = [grid_image(frames[i]).convert("P") for i in picks]
+    durations = [80] * (len(images) - 1) + [1500]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=durations, loop=0)
+
+
+def plot_loss(losses, steps_per_epoch, path, title):
+    """Per-step loss (gray) and its running mean (black) on a log y axis, epochs dashed."""
+    W, H, left, right, top, bottom = 720, 420, 70, 20, 36, 50
+    img = Image.new("RGB", (W, H), "white")
+    draw = ImageDraw.Draw(img)
+    n = len(losses)
+    logs = [math.log10(max(v, 1e-12)) for v in losses]
+    lo, hi = math.floor(min(logs)), math.ceil(max(logs))
+    hi += hi == lo
+    px = lambda i: left + (W - left - right) * i / max(n - 1, 1)
+    py = lambda y: top + (H - top - bottom) * (hi - y) / (hi - lo)
+    for e in range(lo, hi + 1):  # decades labelled, 2x and 5x as light grid lines
+        for m in (1, 2, 5):
+            y = e + math.log10(m)
+            if y <= hi:
+                draw.line([(left, py(y)), (W - right, py(y))], fill=(225, 225, 225) if m > 1 else (190, 190, 190))
+                if m == 1 or hi - lo <= 2:
+                    draw.text((left - 8, py(y)), f"{10 ** y:g}", fill="black", anchor="rm")
+    epochs = math.ceil(n / steps_per_epoch)
+    for k in range(1, epochs + 1):  # epoch k labelled mid-span, boundaries dashed
+        draw.text((px((k - 0.5) * steps_per_epoch), H - bottom + 6), str(k), fill="black", anchor="mt")
+        if k < epochs:
+            x = px(k * steps_per_epoch - 0.5)
+            for y in range(top, H - bottom, 8):
+                draw.line([(x, y), (x, y + 4)], fill=(150, 150, 220))
+    window = max(1, n // 50)
+    smooth = [sum(losses[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(n)]
+    for values, colour in ((logs, (170, 170, 170)), ([math.log10(max(v, 1e-12)) for v in smooth], "black")):
+        draw.line([(px(i), py(v)) for i, v in enumerate(values)], fill=colour, width=1 if colour != "black" else 2)
+    draw.rectangle([left, top, W - right, H - bottom], outline="black")
+    draw.text((W / 2, 10), title, fill="black", anchor="mt")
+    draw.text((W / 2, H - 18), f"epoch ({steps_per_epoch} steps each, {n} in all)", fill="black", anchor="mm")
+    draw.text((8, top - 20), "loss (log)", fill="black")
+    img.save(path)
+
+
+def save_checkpoint(path, state):
+    """Write to a temporary file, then rename: a crash mid-save never leaves a broken ckpt."""
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def read_checkpoint(path, device="cpu"):
+    """The checkpoint dict at path, or a ValueError that says what is wrong with the file."""
+    if not os.path.isfile(path):
+        raise ValueError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # truncated zip, pickle from elsewhere, not a torch file at all
+        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}); it may be truncated: "
+                         "use another one or train again") from e
+    if not isinstance(ckpt, dict) or "cond" not in ckpt.get("args", {}) or "model" not in ckpt:
+        raise ValueError(f"{path} is not a flow.py checkpoint (it has no model and cond entries)")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt, path):
+    args = ckpt["args"]
+    model = UNet(args["hidden"], 10 if args["cond"] == "class" else 0)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise ValueError(f"the weights in {path} do not fit a --cond {args['cond']} --hidden {args['hidden']} UNet") from e
+    return model
+
+
+def load_checkpoint(path, device="cpu"):
+    """The UNet saved in a flow.py checkpoint, on `device`, in eval mode."""
+    return model_from_checkpoint(read_checkpoint(path, device), path).to(device).eval()
+
+
+# -----------------------------------------------------------------------------
+# training
+
+
+def train(args, device):
+    out = args.out
+    model = UNet(args.hidden, 10 if args.cond == "class" else 0).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=0.1 ** (1 / args.epochs))
+    losses, start_epoch = [], 1
+    if args.resume:
+        ckpt = read_checkpoint(args.resume, device)
+        for key in ("cond", "hidden", "batch_size", "epochs", "limit"):
+            if ckpt["args"][key] != getattr(args, key):
+                flag = "--" + key.replace("_", "-")
+                raise ValueError(f"{args.resume} was trained with {flag} {ckpt['args'][key]}, not {getattr(args, key)}: "
+                                 f"pass {flag} {ckpt['args'][key]} to resume it")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        losses, start_epoch = ckpt["losses"], ckpt["epoch"] + 1
+        torch.set_rng_state(ckpt["rng_cpu"])
+        if device.type == "cuda" and ckpt["rng_cuda"] is not None:
+            torch.cuda.set_rng_state(ckpt["rng_cuda"])
+        print(f"resumed {args.resume} after epoch {ckpt['epoch']}")
+    x_all, y_all = load_mnist(args.data, device, args.limit)
+    if len(x_all) < args.batch_size:
+        raise ValueError(f"--limit {len(x_all)} is smaller than --batch-size {args.batch_size}: raise --limit")
+    steps_per_epoch = len(x_all) // args.batch_size  # the last partial batch is dropped
+    total_steps = steps_per_epoch * args.epochs
+    print(f"{args.cond}-conditioned UNet, {sum(p.numel() for p in model.parameters()):,} parameters, "
+          f"{len(x_all):,} images, {steps_per_epoch} steps per epoch, device {device}")
+    ckpt_path = os.path.join(out, "ckpt.pt")
+    t_start, steps_done = time.time(), 0
+
+    for epoch in range(start_epoch, args.epochs + 1):
+        model.train()
+        t_epoch = t_log = time.time()
+        perm = torch.randperm(len(x_all), device=device)
+        epoch_losses = torch.zeros(steps_per_epoch, device=device)  # read back at log steps only
+        for step in range(steps_per_epoch):
+            idx = perm[step * args.batch_size:(step + 1) * args.batch_size]
+            x1 = x_all[idx].unsqueeze(1).float() / 255  # B x 1 x 28 x 28 in [0, 1]
+            labels = y_all[idx] if args.cond == "class" else None
+            loss = flow_matching_loss(model, x1, labels, args.p_uncond)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            epoch_losses[step] = loss.detach()
+            steps_done += 1
+            if (step + 1) % args.log_every == 0 or step + 1 == steps_per_epoch:
+                seen = epoch_losses[:step + 1].cpu()
+                if not torch.isfinite(seen).all():
+                    bad = (epoch - 1) * steps_per_epoch + int((~torch.isfinite(seen)).nonzero()[0]) + 1
+                    kept = f"{ckpt_path} (epoch {epoch - 1}) is kept" if epoch > 1 else "no checkpoint was written"
+                    raise ValueError(f"the loss became {seen[bad - 1 - (epoch - 1) * steps_per_epoch].item()} at step {bad}; "
+                                     f"{kept}; try a lower --lr")
+                now = time.time()
+                n_log = (step + 1) % args.log_every or args.log_every
+                eta = (now - t_start) / steps_done * (total_steps - (epoch - 1) * steps_per_epoch - step - 1)
+                print(f"epoch {epoch:3d}/{args.epochs} | step {step + 1:5d}/{steps_per_epoch} | loss {seen[-1].item():.4f} | "
+                      f"lr {scheduler.get_last_lr()[0]:.2e} | {n_log * args.batch_size / (now - t_log):6.0f} img/s | "
+                      f"eta {eta / 60:5.1f} min", flush=True)
+                t_log = now
+        scheduler.step()  # once per epoch (B.1)
+        losses += epoch_losses.tolist()
+        with open(os.path.join(out, "loss.csv"), "w") as f:
+            f.write("step,epoch,loss,lr\n")
+            for i, v in enumerate(losses):
+                f.write(f"{i + 1},{i // steps_per_epoch + 1},{v:.6f},{args.lr * 0.1 ** ((i // steps_per_epoch) / args.epochs):.6e}\n")
+        plot_loss(losses, steps_per_epoch, os.path.join(out, "loss.png"), f"flow matching, {args.cond}-conditioned UNet")
+        save_checkpoint(ckpt_path, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "epoch": epoch, "args": vars(args), "losses": losses, "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None})
+        msg = f"epoch {epoch} done in {time.time() - t_epoch:.1f}s, mean loss {sum(losses[-steps_per_epoch:]) / steps_per_epoch:.4f}"
+        if epoch in args.sample_epochs or epoch == args.epochs:
+            t_sample = time.time()
+            frames = [] if args.gif and epoch == args.epochs else None
+            sample_grid(model, args, frames).save(os.path.join(out, f"samples_epoch{epoch:02d}.png"))
+            if frames:
+                save_gif(os.path.join(out, "sampling.gif"), frames)
+            msg += f"; wrote samples_epoch{epoch:02d}.png in {time.time() - t_sample:.1f}s"
+        print(msg, flush=True)
+    return model
+
+
+# -----------------------------------------------------------------------------
+# main
+
+
+def positive_int(text):
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Flow matching on MNIST with a time- or class-conditioned UNet.")
+    # model and objective
+    parser.add_argument("--cond", choices=["time", "class"], default="class", help="condition on time only, or on time and digit class (default: %(default)s)")
+    parser.add_argument("--hidden", type=positive_int, default=64, metavar="D", help="hidden channels D of the UNet (default: %(default)s)")
+    parser.add_argument("--p-uncond", type=float, default=0.1, help="probability of dropping the class in training, B.3 (default: %(default)s)")
+    # optimisation
+    parser.add_argument("--epochs", type=positive_int, default=10, metavar="N", help="training epochs (default: %(default)s)")
+    parser.add_argument("--batch-size", type=positive_int, default=64, metavar="N", help="images per training step (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=1e-2, help="initial Adam learning rate, decayed to a tenth over the run (default: %(default)s)")
+    parser.add_argument("--limit", type=positive_int, default=None, metavar="N", help="train on the first N images only, for quick runs (default: all 60,000)")
+    # sampling
+    parser.add_argument("--steps", type=positive_int, default=None, metavar="N", help="solver steps (default: 50 for time, 300 for class)")
+    parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance weight gamma, B.4 (default: %(default)s)")
+    parser.add_argument("--solver", choices=["euler", "midpoint", "heun"], default="euler", help="ODE solver; midpoint and heun cost 2 network calls a step (default: %(default)s)")
+    parser.add_argument("--sample-epochs", default="1,5,10", help="epochs that get a sample grid; the last always does (default: %(default)s)")
+    parser.add_argument("--gif", action="store_true", help="also write sampling.gif, the trajectory of the last grid (default: off)")
+    # input, output, system
+    parser.add_argument("--data", default="data", help="MNIST root: reads DATA/MNIST/raw, downloads there if missing (default: %(default)s)")
+    parser.add_argument("--out", default=None, help="output folder (default: samples/flow_<cond>)")
+    parser.add_argument("--resume", default=None, metavar="CKPT", help="continue training from this checkpoint (default: start afresh)")
+    parser.add_argument("--sample-only", action="store_true", help="no training: write samples.png from --ckpt (default: off)")
+    parser.add_argument("--ckpt", default=None, help="checkpoint for --sample-only (default: OUT/ckpt.pt)")
+    parser.add_argument("--log-every", type=positive_int, default=100, metavar="N", help="steps between progress lines (default: %(default)s)")
+    parser.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto", help="auto picks cuda, then mps, then cpu (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=180, help="random seed for training and sampling (default: %(default)s)")
+    args = parser.parse_args(argv)
+    try:
+        args.sample_epochs = sorted({int(e) for e in args.sample_epochs.split(",") if e.strip()})
+    except ValueError:
+        parser.error(f"--sample-epochs must be comma-separated whole numbers, got {args.sample_epochs!r}")
+    if not 0 <= args.p_uncond <= 1:
+        parser.error(f"--p-uncond must lie in [0, 1], got {args.p_uncond}")
+    if not args.lr > 0:
+        parser.error(f"--lr must be positive, got {args.lr}")
+
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    elif args.device == "cuda" and not torch.cuda.is_available() or args.device == "mps" and not torch.backends.mps.is_available():
+        parser.error(f"--device {args.device} is not available on this machine: use --device auto")
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+
+    try:
+        if args.sample_only:
+            ckpt_path = args.ckpt or os.path.join(args.out or f"samples/flow_{args.cond}", "ckpt.pt")
+            ckpt = read_checkpoint(ckpt_path, device)
+            model = model_from_checkpoint(ckpt, ckpt_path).to(device)
+            args.cond = ckpt["args"]["cond"]
+            args.steps = args.steps or (300 if args.cond == "class" else 50)
+            out = args.out or os.path.dirname(ckpt_path) or "."
+            os.makedirs(out, exist_ok=True)
+            t_sample, frames = time.time(), [] if args.gif else None
+            sample_grid(model, args, frames).save(os.path.join(out, "samples.png"))
+            if frames:
+                save_gif(os.path.join(out, "sampling.gif"), frames)
+            print(f"wrote {os.path.join(out, 'samples.png')} ({args.solver}, {args.steps} steps, epoch {ckpt['epoch']}) "
+                  f"in {time.time() - t_sample:.1f}s")
+            return
+        args.steps = args.steps or (300 if args.cond == "class" else 50)
+        args.out = args.out or f"samples/flow_{args.cond}"
+        try:
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, ".write_test"), "w"):
+                pass
+            os.remove(os.path.join(args.out, ".write_test"))
+        except OSError as e:
+            raise ValueError(f"cannot write to --out {args.out} ({e.strerror}): choose another folder") from e
+        if not args.resume and os.path.exists(os.path.join(args.out, "ckpt.pt")):
+            raise ValueError(f"{args.out} already holds a run: pass --resume {os.path.join(args.out, 'ckpt.pt')} "
+                             "to continue it, or choose another --out")
+        train(args, device)
+    except ValueError as e:
+        sys.exit(f"flow.py: error: {e}")
+
+
+if __name__ == "__main__":
+    main()

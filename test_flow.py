@@ -1,0 +1,300 @@
+"""Smoke checks of flow.py and denoise.py on the CPU: python -m pytest -q test_flow.py"""
+import csv
+import os
+import subprocess
+
+import pytest
+import torch
+from PIL import Image
+
+import flow
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DATA = os.path.join(HERE, "data")
+UNPACK = os.path.join(HERE, "..", "shared", "mnist", "unpack.sh")
+
+
+@pytest.fixture(scope="session")
+def mnist():
+    """The MNIST root: data/, unpacked from ../shared/mnist when it is not there yet."""
+    raw = os.path.join(DATA, "MNIST", "raw", "train-images-idx3-ubyte")
+    if not os.path.exists(raw):
+        if not os.path.exists(UNPACK):
+            pytest.skip("needs MNIST in data/MNIST/raw (or ../shared/mnist/unpack.sh to put it there)")
+        subprocess.run(["bash", UNPACK, DATA], check=True, capture_output=True)
+    return DATA
+
+
+def run_flow(*argv):
+    flow.main([str(a) for a in argv])
+
+
+def tiny_flow_args(mnist, out, *extra):
+    return ["--data", mnist, "--out", out, "--hidden", 8, "--limit", 128, "--batch-size", 32,
+            "--steps", 3, "--log-every", 2, "--seed", 1, *extra]
+
+
+def flow_error(capsys, *argv):
+    """Run flow.py expecting a clean failure; return its message."""
+    with pytest.raises(SystemExit) as e:
+        run_flow(*argv)
+    assert e.value.code != 0
+    message = str(e.value.code) if isinstance(e.value.code, str) else capsys.readouterr().err
+    assert "Traceback" not in message
+    return message
+
+
+# --- model -------------------------------------------------------------------
+
+
+def test_blocks_and_unet_shapes():
+    x = torch.randn(2, 8, 28, 28)
+    assert flow.ConvBlock(8, 16)(x).shape == (2, 16, 28, 28)
+    assert flow.DownBlock(8, 16)(x).shape == (2, 16, 14, 14)
+    assert flow.UpBlock(8, 16)(x).shape == (2, 16, 56, 56)
+    assert flow.FCBlock(1, 16)(torch.rand(2, 1)).shape == (2, 16)
+    x_t, t = torch.randn(3, 1, 28, 28), torch.rand(3, 1)
+    assert flow.UNet(8)(x_t, t).shape == (3, 1, 28, 28)
+    assert flow.UNet(8, 10)(x_t, t, torch.eye(10)[:3]).shape == (3, 1, 28, 28)
+
+
+def test_parameter_counts_match_spec():
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    assert count(flow.UNet(64)) == 1_996_417
+    assert count(flow.UNet(64, num_classes=10)) == 2_019_201
+
+
+def test_time_conditioning_changes_the_output():
+    model = flow.UNet(8).eval()
+    x_t = torch.randn(1, 1, 28, 28)
+    assert not torch.allclose(model(x_t, torch.zeros(1, 1)), model(x_t, torch.ones(1, 1)))
+
+
+# --- loss and sampler ----------------------------------------------------------
+
+
+def test_loss_falls_when_overfitting_one_batch():
+    torch.manual_seed(0)
+    model = flow.UNet(8, 10)
+    x1, labels = torch.rand(16, 1, 28, 28).round(), torch.arange(16) % 10
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(60):
+        torch.manual_seed(1)  # the same x0, t and dropped classes every step: one fixed problem
+        loss = flow.flow_matching_loss(model, x1, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.25 * losses[0], losses
+
+
+class Spy(torch.nn.Module):
+    """A stand-in for the UNet: u = a x + b t + (class weights) . c, recording what it is fed."""
+
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.num_classes = num_classes
+        self.a, self.b = torch.nn.Parameter(torch.tensor(-0.7)), torch.nn.Parameter(torch.tensor(2.0))
+        self.w = torch.nn.Parameter(torch.linspace(-1, 1, num_classes))
+        self.seen = []
+
+    def forward(self, x_t, t, c=None):
+        self.seen.append((x_t, t, c))
+        u = self.a * x_t + self.b * t[:, :, None, None]
+        return u if c is None else u + (c @ self.w)[:, None, None, None]
+
+
+def test_loss_is_mse_to_the_straight_path_velocity():
+    model = Spy()
+    x1 = torch.rand(4, 1, 28, 28)
+    torch.manual_seed(3)
+    loss = flow.flow_matching_loss(model, x1)
+    torch.manual_seed(3)  # the same draws, in the same order: x0, then t
+    x0, t = torch.randn_like(x1), torch.rand(4, 1)
+    x_t, _, _ = model.seen[0]
+    assert torch.allclose(x_t, (1 - t[:, :, None, None]) * x0 + t[:, :, None, None] * x1)
+    expected = ((model.a * x_t + model.b * t[:, :, None, None]) - (x1 - x0)).pow(2).mean()
+    assert torch.allclose(loss, expected)
+
+
+def test_label_dropout_zeroes_about_p_uncond_of_the_classes():
+    model = Spy()
+    labels = torch.arange(20000) % 10
+    flow.flow_matching_loss(model, torch.rand(20000, 1, 28, 28), labels, p_uncond=0.1)
+    c = model.seen[0][2]
+    dropped = (c.sum(1) == 0).float().mean().item()
+    assert abs(dropped - 0.1) < 0.015
+    kept = c.sum(1) == 1
+    assert torch.equal(c[kept].argmax(1), labels[kept])  # the rest stay the right one-hot
+
+
+def noise(n, seed):
+    return torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
+
+
+def test_euler_steps_equal_a_hand_computed_integration():
+    model = Spy()
+    x = noise(5, seed=7)
+    for i in range(4):  # x <- x + (1/T) u(x, i/T), B.2
+        t = i / 4
+        x = x + 0.25 * (model.a * x + model.b * t)
+    assert torch.allclose(flow.sample(model, 5, steps=4, seed=7), x, atol=1e-6)
+
+
+@pytest.mark.parametrize("guidance", [0.0, 1.0, 5.0])
+def test_guidance_mixes_conditional_and_unconditional_flows(guidance):
+    torch.manual_seed(0)
+    model = flow.UNet(8, 10).eval()
+    labels = torch.tensor([3, 1, 4, 1, 5])
+    c = torch.nn.functional.one_hot(labels, 10).float()
+    x = noise(5, seed=2)
+    with torch.no_grad():
+        for i in range(3):
+            t = torch.full((5, 1), i / 3)
+            u_cond, u_uncond = model(x, t, c), model(x, t, torch.zeros_like(c))
+            x = x + (u_uncond + guidance * (u_cond - u_uncond)) / 3
+    got = flow.sample(model, 5, labels, steps=3, guidance=guidance, seed=2)
+    assert torch.allclose(got, x, atol=1e-4)
+
+
+@pytest.mark.parametrize("solver,nfe", [("euler", 1), ("midpoint", 2), ("heun", 2)])
+def test_solvers_call_the_network_as_often_as_they_claim(solver, nfe):
+    model = Spy()
+    flow.sample(model, 2, steps=5, solver=solver)
+    assert len(model.seen) == 5 * nfe
+
+
+def test_sampling_leaves_training_mode_and_global_rng_alone():
+    model = flow.UNet(8).train()
+    torch.manual_seed(5)
+    before = torch.rand(1)
+    torch.manual_seed(5)
+    flow.sample(model, 2, steps=2)
+    assert model.training and torch.equal(torch.rand(1), before)
+
+
+# --- the command line: outputs, checkpoints, resume -----------------------------
+
+
+def test_tiny_run_writes_every_output(mnist, tmp_path):
+    out = str(tmp_path / "run")
+    run_flow(*tiny_flow_args(mnist, out, "--epochs", 3, "--sample-epochs", "2", "--gif"))
+    rows = list(csv.DictReader(open(os.path.join(out, "loss.csv"))))
+    assert len(rows) == 3 * 4 and [int(r["epoch"]) for r in rows[::4]] == [1, 2, 3]
+    assert all(float(r["loss"]) > 0 for r in rows)
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "loss.csv", "loss.png", "samples_epoch02.png",
+                                       "samples_epoch03.png", "sampling.gif"]
+    grid = Image.open(os.path.join(out, "samples_epoch03.png"))
+    assert grid.size == (2 * (10 * 30 + 2), 2 * (4 * 30 + 2))  # 4 rows of 10 digits, enlarged 2x
+    gif = Image.open(os.path.join(out, "sampling.gif"))
+    assert gif.n_frames == 3 + 1 and gif.size == grid.size  # x at t = 0, 1/3, 2/3, 1
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert ckpt["epoch"] == 3 and len(ckpt["losses"]) == 12
+    # the learning rate decays by 10x over the run, once per epoch
+    assert ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-3, rel=1e-6)
+    assert float(rows[-1]["lr"]) == pytest.approx(1e-2 * 0.1 ** (2 / 3), rel=1e-5)
+    model = flow.load_checkpoint(os.path.join(out, "ckpt.pt"))
+    assert not model.training and model.num_classes == 10
+
+
+def test_sample_only_writes_a_grid_from_a_checkpoint(mnist, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    run_flow(*tiny_flow_args(mnist, out, "--epochs", 1, "--cond", "time"))
+    run_flow("--sample-only", "--ckpt", os.path.join(out, "ckpt.pt"), "--steps", 2, "--solver", "heun")
+    assert "samples.png" in capsys.readouterr().out
+    assert Image.open(os.path.join(out, "samples.png")).size == (604, 244)
+
+
+def test_resume_reproduces_an_uninterrupted_run(mnist, tmp_path, monkeypatch):
+    whole, broken = str(tmp_path / "whole"), str(tmp_path / "broken")
+    args = ("--epochs", 2, "--sample-epochs", "1")
+    run_flow(*tiny_flow_args(mnist, whole, *args))
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt  # the machine goes down right after the epoch-1 checkpoint
+
+    monkeypatch.setattr(flow, "sample_grid", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_flow(*tiny_flow_args(mnist, broken, *args))
+    monkeypatch.undo()
+    assert torch.load(os.path.join(broken, "ckpt.pt"), weights_only=True)["epoch"] == 1
+    run_flow(*tiny_flow_args(mnist, broken, *args, "--resume", os.path.join(broken, "ckpt.pt")))
+    a = torch.load(os.path.join(whole, "ckpt.pt"), weights_only=True)
+    b = torch.load(os.path.join(broken, "ckpt.pt"), weights_only=True)
+    assert a["losses"] == b["losses"]
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    assert open(os.path.join(whole, "loss.csv")).read() == open(os.path.join(broken, "loss.csv")).read()
+
+
+# --- bad input: one clear sentence, a non-zero exit, nothing lost ------------------
+
+
+@pytest.mark.parametrize("argv,says", [
+    (["--cond", "pixel"], "invalid choice"),
+    (["--epochs", "0"], "at least 1"),
+    (["--batch-size", "-3"], "at least 1"),
+    (["--p-uncond", "1.5"], "--p-uncond"),
+    (["--device", "tpu"], "invalid choice"),
+])
+def test_bad_flags_are_refused(capsys, argv, says):
+    assert says in flow_error(capsys, *argv)
+
+
+def test_missing_mnist_names_the_files(tmp_path, capsys):
+    message = flow_error(capsys, "--data", tmp_path / "nowhere", "--out", tmp_path / "out", "--epochs", 1)
+    assert "train-images-idx3-ubyte" in message and "MNIST" in message
+
+
+def test_unwritable_out_is_refused(tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    assert "cannot write to --out" in flow_error(capsys, "--out", tmp_path / "file" / "run")
+
+
+def test_an_existing_run_is_not_overwritten(mnist, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    run_flow(*tiny_flow_args(mnist, out, "--epochs", 1))
+    before = open(os.path.join(out, "ckpt.pt"), "rb").read()
+    assert "--resume" in flow_error(capsys, *tiny_flow_args(mnist, out, "--epochs", 1))
+    assert open(os.path.join(out, "ckpt.pt"), "rb").read() == before
+
+
+def test_broken_checkpoints_are_refused(mnist, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    run_flow(*tiny_flow_args(mnist, out, "--epochs", 1))
+    good = os.path.join(out, "ckpt.pt")
+    truncated, garbage, tensor = (str(tmp_path / n) for n in ("truncated.pt", "garbage.pt", "tensor.pt"))
+    open(truncated, "wb").write(open(good, "rb").read()[:5000])
+    open(garbage, "wb").write(b"hello, not a checkpoint")
+    torch.save(torch.zeros(3), tensor)
+    for path in (truncated, garbage):
+        assert "not a readable checkpoint" in flow_error(capsys, "--sample-only", "--ckpt", path)
+    assert "not a flow.py checkpoint" in flow_error(capsys, "--sample-only", "--ckpt", tensor)
+    assert "does not exist" in flow_error(capsys, "--sample-only", "--ckpt", tmp_path / "missing.pt")
+    other = str(tmp_path / "other")
+    message = flow_error(capsys, *tiny_flow_args(mnist, other, "--epochs", 1, "--cond", "time", "--resume", good))
+    assert "--cond class" in message
+    message = flow_error(capsys, *tiny_flow_args(mnist, other, "--epochs", 1, "--hidden", 16, "--resume", good))
+    assert "--hidden 8" in message
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        flow.load_checkpoint(truncated)
+
+
+def test_a_diverging_loss_stops_and_keeps_the_last_good_checkpoint(mnist, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    message = flow_error(capsys, *tiny_flow_args(mnist, out, "--epochs", 1, "--lr", 1e30))
+    assert "at step" in message and "no checkpoint" in message
+    assert not os.path.exists(os.path.join(out, "ckpt.pt"))
+
+    run_flow(*tiny_flow_args(mnist, out + "2", "--epochs", 2, "--sample-epochs", "1"))
+    ckpt_path = os.path.join(out + "2", "ckpt.pt")
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    ckpt["epoch"] = 1  # an epoch-1 checkpoint whose weights have gone bad
+    ckpt["model"] = {k: v * float("nan") if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+    flow.save_checkpoint(ckpt_path, ckpt)
+    before = open(ckpt_path, "rb").read()
+    message = flow_error(capsys, *tiny_flow_args(mnist, out + "2", "--epochs", 2, "--sample-epochs", "1",
+                                                 "--resume", ckpt_path))
+    assert "at step 5" in message and "(epoch 1) is kept" in message
+    assert open(ckpt_path, "rb").read() == before
