@@ -160,17 +160,18 @@ def sample(model, num_samples, labels=None, steps=50, guidance=5.0, seed=0, solv
 
 
 # -----------------------------------------------------------------------------
-# data: the whole train split as one uint8 tensor on the device
+# data: a whole split as one uint8 tensor on the device
 
 
-def load_mnist(root, device, limit=None):
-    """Images (N x 28 x 28 uint8) and labels (N) of the MNIST train split, on `device`."""
+def load_mnist(root, device, limit=None, train=True):
+    """Images (N x 28 x 28 uint8) and labels (N) of an MNIST split, on `device`."""
     try:
-        data = torchvision.datasets.MNIST(root, train=True, download=True)
+        data = torchvision.datasets.MNIST(root, train=train, download=True)
     except (RuntimeError, OSError) as e:
+        prefix = "train" if train else "t10k"
         raise ValueError(
             f"MNIST is not in {os.path.join(root, 'MNIST', 'raw')} and could not be downloaded ({str(e).splitlines()[0]}); "
-            "put train-images-idx3-ubyte and train-labels-idx1-ubyte there, or run once with internet access") from e
+            f"put {prefix}-images-idx3-ubyte and {prefix}-labels-idx1-ubyte there, or run once with internet access") from e
     return data.data[:limit].to(device), data.targets[:limit].to(device)
 
 
@@ -242,8 +243,8 @@ def save_checkpoint(path, state):
     os.replace(path + ".tmp", path)
 
 
-def read_checkpoint(path, device="cpu"):
-    """The checkpoint dict at path, or a ValueError that says what is wrong with the file."""
+def read_checkpoint(path, device="cpu", script="flow.py"):
+    """The checkpoint dict that `script` wrote at path, or a ValueError that says what is wrong."""
     if not os.path.isfile(path):
         raise ValueError(f"checkpoint {path} does not exist")
     try:
@@ -251,8 +252,8 @@ def read_checkpoint(path, device="cpu"):
     except Exception as e:  # truncated zip, pickle from elsewhere, not a torch file at all
         raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}); it may be truncated: "
                          "use another one or train again") from e
-    if not isinstance(ckpt, dict) or "cond" not in ckpt.get("args", {}) or "model" not in ckpt:
-        raise ValueError(f"{path} is not a flow.py checkpoint (it has no model and cond entries)")
+    if not isinstance(ckpt, dict) or ckpt.get("script") != script:
+        raise ValueError(f"{path} is not a {script} checkpoint")
     return ckpt
 
 
@@ -275,91 +276,178 @@ def load_checkpoint(path, device="cpu"):
 # training
 
 
-def train(args, device):
-    out = args.out
+def train_epoch(model, optimizer, batch_loss, num_images, epoch, args):
+    """One pass over the images in a fresh random order, batch_loss(indices) giving each step's
+    loss. Returns the per-step losses; stops at the first log step that finds one non-finite."""
+    device = next(model.parameters()).device
+    model.train()
+    steps = num_images // args.batch_size  # the last partial batch is dropped
+    perm = torch.randperm(num_images, device=device)
+    losses = torch.zeros(steps, device=device)  # read back at log steps only: no sync per step
+    t_epoch = t_log = time.time()
+    for step in range(steps):
+        loss = batch_loss(perm[step * args.batch_size:(step + 1) * args.batch_size])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses[step] = loss.detach()
+        if (step + 1) % args.log_every and step + 1 < steps:
+            continue
+        seen = losses[:step + 1].cpu()
+        if not seen.isfinite().all():
+            first = int((~seen.isfinite()).nonzero()[0])
+            kept = f"the checkpoint of epoch {epoch - 1} in {args.out} is kept" if epoch > 1 else "no checkpoint was written"
+            raise ValueError(f"the loss became {seen[first].item()} at step {(epoch - 1) * steps + first + 1}; {kept}; "
+                             "try a lower --lr")
+        now = time.time()
+        eta = (now - t_epoch) / (step + 1) * ((args.epochs - epoch + 1) * steps - step - 1)
+        images = ((step + 1) % args.log_every or args.log_every) * args.batch_size
+        print(f"epoch {epoch:3d}/{args.epochs} | step {step + 1:5d}/{steps} | loss {seen[-1].item():.4f} | "
+              f"lr {optimizer.param_groups[0]['lr']:.2e} | {images / (now - t_log):6.0f} img/s | eta {eta / 60:5.1f} min",
+              flush=True)
+        t_log = now
+    return seen.tolist()
+
+
+def save_progress(script, epoch, args, model, optimizer, scheduler, losses, lrs, title):
+    """After each epoch: loss.csv, loss.png and ckpt.pt, everything a resumed run needs."""
+    steps = len(losses) // epoch
+    with open(os.path.join(args.out, "loss.csv"), "w") as f:
+        f.write("step,epoch,loss,lr\n")
+        f.writelines(f"{i + 1},{i // steps + 1},{v:.6f},{lrs[i // steps]:.6e}\n" for i, v in enumerate(losses))
+    plot_loss(losses, steps, os.path.join(args.out, "loss.png"), title)
+    save_checkpoint(os.path.join(args.out, "ckpt.pt"), {
+        "script": script, "epoch": epoch, "args": vars(args), "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
+        "losses": losses, "lrs": lrs, "rng_cpu": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None})
+
+
+def resume(script, args, same_flags, model, optimizer, scheduler=None):
+    """Load the state of args.resume into model, optimizer, scheduler and the random streams."""
+    ckpt = read_checkpoint(args.resume, next(model.parameters()).device, script)
+    for key in same_flags:
+        if ckpt["args"][key] != getattr(args, key):
+            flag = "--" + key.replace("_", "-")
+            raise ValueError(f"{args.resume} was trained with {flag} {ckpt['args'][key]}, not {getattr(args, key)}: "
+                             f"pass {flag} {ckpt['args'][key]} to resume it")
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if scheduler:
+        scheduler.load_state_dict(ckpt["scheduler"])
+    torch.set_rng_state(ckpt["rng_cpu"].cpu())
+    if ckpt["rng_cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(ckpt["rng_cuda"].cpu())
+    print(f"resumed {args.resume} after epoch {ckpt['epoch']}")
+    return ckpt
+
+
+def benchmark(model, optimizer, batch_loss, num_images, args, make_samples, steps=30):
+    """Training images/s over `steps` steps and the seconds make_samples() takes, both after a
+    warm-up, through the same functions a real run uses."""
+    device = next(model.parameters()).device
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    args.log_every, args.epochs = 10 ** 9, 1
+    train_epoch(model, optimizer, batch_loss, 5 * args.batch_size, 1, args)
+    sync()
+    t0 = time.time()
+    train_epoch(model, optimizer, batch_loss, min(num_images, steps * args.batch_size), 1, args)
+    sync()
+    train_speed = min(num_images, steps * args.batch_size) // args.batch_size * args.batch_size / (time.time() - t0)
+    make_samples()
+    sync()
+    t0 = time.time()
+    make_samples()
+    sync()
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"{device.type}, {torch.get_num_threads()} threads"
+    print(f"benchmark on {name}: training {train_speed:.0f} images/s (batch {args.batch_size}); "
+          f"sampling {time.time() - t0:.2f} s per grid")
+
+
+def build(args, device):
     model = UNet(args.hidden, 10 if args.cond == "class" else 0).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=0.1 ** (1 / args.epochs))
-    losses, start_epoch = [], 1
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=0.1 ** (1 / args.epochs))  # stepped per epoch
+    return model, optimizer, scheduler
+
+
+def train(args, device):
+    model, optimizer, scheduler = build(args, device)
+    losses, lrs, start_epoch = [], [], 1
     if args.resume:
-        ckpt = read_checkpoint(args.resume, device)
-        for key in ("cond", "hidden", "batch_size", "epochs", "limit"):
-            if ckpt["args"][key] != getattr(args, key):
-                flag = "--" + key.replace("_", "-")
-                raise ValueError(f"{args.resume} was trained with {flag} {ckpt['args'][key]}, not {getattr(args, key)}: "
-                                 f"pass {flag} {ckpt['args'][key]} to resume it")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        losses, start_epoch = ckpt["losses"], ckpt["epoch"] + 1
-        torch.set_rng_state(ckpt["rng_cpu"])
-        if device.type == "cuda" and ckpt["rng_cuda"] is not None:
-            torch.cuda.set_rng_state(ckpt["rng_cuda"])
-        print(f"resumed {args.resume} after epoch {ckpt['epoch']}")
+        ckpt = resume("flow.py", args, ("cond", "hidden", "batch_size", "epochs", "limit"), model, optimizer, scheduler)
+        losses, lrs, start_epoch = ckpt["losses"], ckpt["lrs"], ckpt["epoch"] + 1
     x_all, y_all = load_mnist(args.data, device, args.limit)
     if len(x_all) < args.batch_size:
         raise ValueError(f"--limit {len(x_all)} is smaller than --batch-size {args.batch_size}: raise --limit")
-    steps_per_epoch = len(x_all) // args.batch_size  # the last partial batch is dropped
-    total_steps = steps_per_epoch * args.epochs
-    print(f"{args.cond}-conditioned UNet, {sum(p.numel() for p in model.parameters()):,} parameters, "
-          f"{len(x_all):,} images, {steps_per_epoch} steps per epoch, device {device}")
-    ckpt_path = os.path.join(out, "ckpt.pt")
-    t_start, steps_done = time.time(), 0
 
+    def batch_loss(idx):
+        x1 = x_all[idx].unsqueeze(1).float() / 255  # B x 1 x 28 x 28 in [0, 1]
+        return flow_matching_loss(model, x1, y_all[idx] if model.num_classes else None, args.p_uncond)
+
+    if args.benchmark:
+        return benchmark(model, optimizer, batch_loss, len(x_all), args, lambda: sample_grid(model, args))
+    steps = len(x_all) // args.batch_size
+    print(f"{args.cond}-conditioned UNet, {sum(p.numel() for p in model.parameters()):,} parameters, "
+          f"{len(x_all):,} images, {steps} steps per epoch, device {device}")
     for epoch in range(start_epoch, args.epochs + 1):
-        model.train()
-        t_epoch = t_log = time.time()
-        perm = torch.randperm(len(x_all), device=device)
-        epoch_losses = torch.zeros(steps_per_epoch, device=device)  # read back at log steps only
-        for step in range(steps_per_epoch):
-            idx = perm[step * args.batch_size:(step + 1) * args.batch_size]
-            x1 = x_all[idx].unsqueeze(1).float() / 255  # B x 1 x 28 x 28 in [0, 1]
-            labels = y_all[idx] if args.cond == "class" else None
-            loss = flow_matching_loss(model, x1, labels, args.p_uncond)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            epoch_losses[step] = loss.detach()
-            steps_done += 1
-            if (step + 1) % args.log_every == 0 or step + 1 == steps_per_epoch:
-                seen = epoch_losses[:step + 1].cpu()
-                if not torch.isfinite(seen).all():
-                    bad = (epoch - 1) * steps_per_epoch + int((~torch.isfinite(seen)).nonzero()[0]) + 1
-                    kept = f"{ckpt_path} (epoch {epoch - 1}) is kept" if epoch > 1 else "no checkpoint was written"
-                    raise ValueError(f"the loss became {seen[bad - 1 - (epoch - 1) * steps_per_epoch].item()} at step {bad}; "
-                                     f"{kept}; try a lower --lr")
-                now = time.time()
-                n_log = (step + 1) % args.log_every or args.log_every
-                eta = (now - t_start) / steps_done * (total_steps - (epoch - 1) * steps_per_epoch - step - 1)
-                print(f"epoch {epoch:3d}/{args.epochs} | step {step + 1:5d}/{steps_per_epoch} | loss {seen[-1].item():.4f} | "
-                      f"lr {scheduler.get_last_lr()[0]:.2e} | {n_log * args.batch_size / (now - t_log):6.0f} img/s | "
-                      f"eta {eta / 60:5.1f} min", flush=True)
-                t_log = now
-        scheduler.step()  # once per epoch (B.1)
-        losses += epoch_losses.tolist()
-        with open(os.path.join(out, "loss.csv"), "w") as f:
-            f.write("step,epoch,loss,lr\n")
-            for i, v in enumerate(losses):
-                f.write(f"{i + 1},{i // steps_per_epoch + 1},{v:.6f},{args.lr * 0.1 ** ((i // steps_per_epoch) / args.epochs):.6e}\n")
-        plot_loss(losses, steps_per_epoch, os.path.join(out, "loss.png"), f"flow matching, {args.cond}-conditioned UNet")
-        save_checkpoint(ckpt_path, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "epoch": epoch, "args": vars(args), "losses": losses, "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None})
-        msg = f"epoch {epoch} done in {time.time() - t_epoch:.1f}s, mean loss {sum(losses[-steps_per_epoch:]) / steps_per_epoch:.4f}"
+        t_epoch = time.time()
+        lrs.append(optimizer.param_groups[0]["lr"])
+        losses += train_epoch(model, optimizer, batch_loss, len(x_all), epoch, args)
+        scheduler.step()
+        save_progress("flow.py", epoch, args, model, optimizer, scheduler, losses, lrs,
+                      f"flow matching, {args.cond}-conditioned UNet")
+        msg = f"epoch {epoch} done in {time.time() - t_epoch:.1f}s, mean loss {sum(losses[-steps:]) / steps:.4f}"
         if epoch in args.sample_epochs or epoch == args.epochs:
             t_sample = time.time()
             frames = [] if args.gif and epoch == args.epochs else None
-            sample_grid(model, args, frames).save(os.path.join(out, f"samples_epoch{epoch:02d}.png"))
+            sample_grid(model, args, frames).save(os.path.join(args.out, f"samples_epoch{epoch:02d}.png"))
             if frames:
-                save_gif(os.path.join(out, "sampling.gif"), frames)
+                save_gif(os.path.join(args.out, "sampling.gif"), frames)
             msg += f"; wrote samples_epoch{epoch:02d}.png in {time.time() - t_sample:.1f}s"
         print(msg, flush=True)
-    return model
 
 
 # -----------------------------------------------------------------------------
 # main
+
+
+def sample_from_checkpoint(args, device):
+    ckpt_path = args.ckpt or os.path.join(args.out or f"samples/flow_{args.cond}", "ckpt.pt")
+    ckpt = read_checkpoint(ckpt_path, device)
+    model = model_from_checkpoint(ckpt, ckpt_path).to(device)
+    args.steps = args.steps or (300 if model.num_classes else 50)
+    out = args.out or os.path.dirname(ckpt_path) or "."
+    prepare_out(out, resume=True)
+    t_sample, frames = time.time(), [] if args.gif else None
+    sample_grid(model, args, frames).save(os.path.join(out, "samples.png"))
+    if frames:
+        save_gif(os.path.join(out, "sampling.gif"), frames)
+    print(f"wrote {os.path.join(out, 'samples.png')} ({args.solver}, {args.steps} steps, epoch {ckpt['epoch']}) "
+          f"in {time.time() - t_sample:.1f}s")
+
+
+def choose_device(name, parser):
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    if name == "auto":
+        name = next(d for d in ("cuda", "mps", "cpu") if available[d])
+    elif not available[name]:
+        parser.error(f"--device {name} is not available on this machine: use --device auto")
+    return torch.device(name)
+
+
+def prepare_out(out, resume):
+    """Make the output folder, checking it is writable and holds no run that would be overwritten."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, ".write_test"), "w"):
+            pass
+        os.remove(os.path.join(out, ".write_test"))
+    except OSError as e:
+        raise ValueError(f"cannot write to --out {out} ({e.strerror}): choose another folder") from e
+    if not resume and os.path.exists(os.path.join(out, "ckpt.pt")):
+        raise ValueError(f"{out} already holds a run: pass --resume {os.path.join(out, 'ckpt.pt')} "
+                         "to continue it, or choose another --out")
 
 
 def positive_int(text):
@@ -391,6 +479,7 @@ def main(argv=None):
     parser.add_argument("--resume", default=None, metavar="CKPT", help="continue training from this checkpoint (default: start afresh)")
     parser.add_argument("--sample-only", action="store_true", help="no training: write samples.png from --ckpt (default: off)")
     parser.add_argument("--ckpt", default=None, help="checkpoint for --sample-only (default: OUT/ckpt.pt)")
+    parser.add_argument("--benchmark", action="store_true", help="time 30 training steps and one sample grid, then exit (default: off)")
     parser.add_argument("--log-every", type=positive_int, default=100, metavar="N", help="steps between progress lines (default: %(default)s)")
     parser.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto", help="auto picks cuda, then mps, then cpu (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=180, help="random seed for training and sampling (default: %(default)s)")
@@ -404,41 +493,15 @@ def main(argv=None):
     if not args.lr > 0:
         parser.error(f"--lr must be positive, got {args.lr}")
 
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    elif args.device == "cuda" and not torch.cuda.is_available() or args.device == "mps" and not torch.backends.mps.is_available():
-        parser.error(f"--device {args.device} is not available on this machine: use --device auto")
-    device = torch.device(args.device)
+    device = choose_device(args.device, parser)
     torch.manual_seed(args.seed)
-
     try:
         if args.sample_only:
-            ckpt_path = args.ckpt or os.path.join(args.out or f"samples/flow_{args.cond}", "ckpt.pt")
-            ckpt = read_checkpoint(ckpt_path, device)
-            model = model_from_checkpoint(ckpt, ckpt_path).to(device)
-            args.cond = ckpt["args"]["cond"]
-            args.steps = args.steps or (300 if args.cond == "class" else 50)
-            out = args.out or os.path.dirname(ckpt_path) or "."
-            os.makedirs(out, exist_ok=True)
-            t_sample, frames = time.time(), [] if args.gif else None
-            sample_grid(model, args, frames).save(os.path.join(out, "samples.png"))
-            if frames:
-                save_gif(os.path.join(out, "sampling.gif"), frames)
-            print(f"wrote {os.path.join(out, 'samples.png')} ({args.solver}, {args.steps} steps, epoch {ckpt['epoch']}) "
-                  f"in {time.time() - t_sample:.1f}s")
-            return
+            return sample_from_checkpoint(args, device)
         args.steps = args.steps or (300 if args.cond == "class" else 50)
         args.out = args.out or f"samples/flow_{args.cond}"
-        try:
-            os.makedirs(args.out, exist_ok=True)
-            with open(os.path.join(args.out, ".write_test"), "w"):
-                pass
-            os.remove(os.path.join(args.out, ".write_test"))
-        except OSError as e:
-            raise ValueError(f"cannot write to --out {args.out} ({e.strerror}): choose another folder") from e
-        if not args.resume and os.path.exists(os.path.join(args.out, "ckpt.pt")):
-            raise ValueError(f"{args.out} already holds a run: pass --resume {os.path.join(args.out, 'ckpt.pt')} "
-                             "to continue it, or choose another --out")
+        if not args.benchmark:
+            prepare_out(args.out, args.resume)
         train(args, device)
     except ValueError as e:
         sys.exit(f"flow.py: error: {e}")
