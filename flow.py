@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 # -----------------------------------------------------------------------------
 # building blocks (the assignment's standard UNet operations)
@@ -201,11 +201,18 @@ def save_gif(path, frames, num_frames=40):
     images[0].save(path, save_all=True, append_images=images[1:], duration=durations, loop=0)
 
 
+def canvas(width, height):
+    """A white image and a pen with a legible font, for figures drawn with Pillow alone."""
+    img = Image.new("RGB", (round(width), round(height)), "white")
+    draw = ImageDraw.Draw(img)
+    draw.font = ImageFont.load_default(13)
+    return img, draw
+
+
 def plot_loss(losses, steps_per_epoch, path, title):
     """Per-step loss (gray) and its running mean (black) on a log y axis, epochs dashed."""
     W, H, left, right, top, bottom = 720, 420, 70, 20, 36, 50
-    img = Image.new("RGB", (W, H), "white")
-    draw = ImageDraw.Draw(img)
+    img, draw = canvas(W, H)
     n = len(losses)
     logs = [math.log10(max(v, 1e-12)) for v in losses]
     lo, hi = math.floor(min(logs)), math.ceil(max(logs))
@@ -309,7 +316,7 @@ def train_epoch(model, optimizer, batch_loss, num_images, epoch, args):
     return seen.tolist()
 
 
-def save_progress(script, epoch, args, model, optimizer, scheduler, losses, lrs, title):
+def save_progress(script, epoch, args, model, optimizer, scheduler, losses, lrs, title, **extra):
     """After each epoch: loss.csv, loss.png and ckpt.pt, everything a resumed run needs."""
     steps = len(losses) // epoch
     with open(os.path.join(args.out, "loss.csv"), "w") as f:
@@ -320,7 +327,7 @@ def save_progress(script, epoch, args, model, optimizer, scheduler, losses, lrs,
         "script": script, "epoch": epoch, "args": vars(args), "model": model.state_dict(),
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
         "losses": losses, "lrs": lrs, "rng_cpu": torch.get_rng_state(),
-        "rng_cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None})
+        "rng_cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None, **extra})
 
 
 def resume(script, args, same_flags, model, optimizer, scheduler=None):
@@ -456,6 +463,24 @@ def positive_int(text):
     return int(text)
 
 
+def positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def epoch_list(text):
+    """'1,5,10' -> [1, 5, 10]"""
+    try:
+        return sorted({int(e) for e in text.split(",") if e.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated epoch numbers, got {text!r}") from None
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Flow matching on MNIST with a time- or class-conditioned UNet.")
     # model and objective
@@ -465,13 +490,13 @@ def main(argv=None):
     # optimisation
     parser.add_argument("--epochs", type=positive_int, default=10, metavar="N", help="training epochs (default: %(default)s)")
     parser.add_argument("--batch-size", type=positive_int, default=64, metavar="N", help="images per training step (default: %(default)s)")
-    parser.add_argument("--lr", type=float, default=1e-2, help="initial Adam learning rate, decayed to a tenth over the run (default: %(default)s)")
+    parser.add_argument("--lr", type=positive_float, default=1e-2, help="initial Adam learning rate, decayed to a tenth over the run (default: %(default)s)")
     parser.add_argument("--limit", type=positive_int, default=None, metavar="N", help="train on the first N images only, for quick runs (default: all 60,000)")
     # sampling
     parser.add_argument("--steps", type=positive_int, default=None, metavar="N", help="solver steps (default: 50 for time, 300 for class)")
     parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance weight gamma, B.4 (default: %(default)s)")
     parser.add_argument("--solver", choices=["euler", "midpoint", "heun"], default="euler", help="ODE solver; midpoint and heun cost 2 network calls a step (default: %(default)s)")
-    parser.add_argument("--sample-epochs", default="1,5,10", help="epochs that get a sample grid; the last always does (default: %(default)s)")
+    parser.add_argument("--sample-epochs", type=epoch_list, default="1,5,10", help="epochs that get a sample grid; the last always does (default: %(default)s)")
     parser.add_argument("--gif", action="store_true", help="also write sampling.gif, the trajectory of the last grid (default: off)")
     # input, output, system
     parser.add_argument("--data", default="data", help="MNIST root: reads DATA/MNIST/raw, downloads there if missing (default: %(default)s)")
@@ -484,14 +509,8 @@ def main(argv=None):
     parser.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto", help="auto picks cuda, then mps, then cpu (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=180, help="random seed for training and sampling (default: %(default)s)")
     args = parser.parse_args(argv)
-    try:
-        args.sample_epochs = sorted({int(e) for e in args.sample_epochs.split(",") if e.strip()})
-    except ValueError:
-        parser.error(f"--sample-epochs must be comma-separated whole numbers, got {args.sample_epochs!r}")
     if not 0 <= args.p_uncond <= 1:
         parser.error(f"--p-uncond must lie in [0, 1], got {args.p_uncond}")
-    if not args.lr > 0:
-        parser.error(f"--lr must be positive, got {args.lr}")
 
     device = choose_device(args.device, parser)
     torch.manual_seed(args.seed)

@@ -1,5 +1,6 @@
 """Smoke checks of flow.py and denoise.py on the CPU: python -m pytest -q test_flow.py"""
 import csv
+import math
 import os
 import subprocess
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+import denoise
 import flow
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -298,3 +300,126 @@ def test_a_diverging_loss_stops_and_keeps_the_last_good_checkpoint(mnist, tmp_pa
                                                  "--resume", ckpt_path))
     assert "at step 5" in message and "checkpoint of epoch 1" in message and "is kept" in message
     assert open(ckpt_path, "rb").read() == before
+
+
+# --- denoise.py -------------------------------------------------------------------
+
+
+def run_denoise(*argv):
+    denoise.main([str(a) for a in argv])
+
+
+def tiny_denoise_args(mnist, out, *extra):
+    return ["--data", mnist, "--out", out, "--hidden", 8, "--limit", 64, "--batch-size", 32, "--log-every", 1,
+            "--seed", 1, *extra]
+
+
+def test_denoiser_shapes_and_parameter_count():
+    assert denoise.UNet(8)(torch.randn(2, 1, 28, 28)).shape == (2, 1, 28, 28)
+    assert sum(p.numel() for p in denoise.UNet(128).parameters()) == 7_891_073
+
+
+def test_noising_adds_gaussian_noise_of_std_sigma():
+    torch.manual_seed(0)
+    x = torch.rand(64, 1, 28, 28)
+    for sigma in (0.0, 0.5, 1.0):
+        z = denoise.add_noise(x, sigma)
+        assert abs((z - x).std().item() - sigma) < 0.01 and abs((z - x).mean().item()) < 0.01
+    eps = denoise.add_noise(x, 0.5, pure_noise=True)  # the blank canvas: no trace of x
+    assert abs(eps.std().item() - 1) < 0.01 and abs(torch.corrcoef(torch.stack([eps.flatten(), x.flatten()]))[0, 1]) < 0.02
+
+
+class Identity(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, z):
+        return z
+
+
+def test_evaluate_knows_the_mse_of_doing_nothing():
+    images = torch.randint(0, 256, (1000, 28, 28), dtype=torch.uint8)
+    mse, mean_output = denoise.evaluate(Identity(), images, sigma=0.5)
+    assert mse == pytest.approx(0.25, rel=0.01)  # E|z - x|^2 = sigma^2 per pixel
+    assert denoise.psnr(mse) == pytest.approx(10 * math.log10(4), abs=0.05)
+    assert (mean_output - denoise.to_float(images).mean(0)).abs().mean() < 0.02  # noise averages out
+
+
+def test_denoiser_loss_falls_when_overfitting_one_batch():
+    torch.manual_seed(0)
+    model = denoise.UNet(8)
+    x = torch.rand(16, 1, 28, 28).round()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(40):
+        torch.manual_seed(1)  # the same noise every step
+        loss = denoise.denoising_loss(model, x, 0.5)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.25 * losses[0], losses
+
+
+def test_denoise_runs_write_every_figure(mnist, tmp_path):
+    out, pure = str(tmp_path / "denoise"), str(tmp_path / "pure")
+    run_denoise(*tiny_denoise_args(mnist, out, "--epochs", 2, "--sample-epochs", "1"))
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "denoised_epoch01.png", "denoised_epoch02.png", "loss.csv", "loss.png",
+                                       "metrics.csv", "noising.png", "ood.png"]
+    metrics = list(csv.DictReader(open(os.path.join(out, "metrics.csv"))))
+    assert [float(r["sigma"]) for r in metrics] == [0.5, 0.5] + denoise.SIGMAS  # 2 epochs, then every sigma
+    assert all(float(r["test_psnr_db"]) == pytest.approx(10 * math.log10(1 / float(r["test_mse"])), rel=1e-4)
+               for r in metrics)
+    assert len(list(csv.DictReader(open(os.path.join(out, "loss.csv"))))) == 2 * 2
+    for name in ("noising.png", "ood.png", "denoised_epoch02.png"):
+        Image.open(os.path.join(out, name)).verify()
+
+    run_denoise(*tiny_denoise_args(mnist, pure, "--epochs", 1, "--pure-noise"))
+    assert sorted(os.listdir(pure)) == ["ckpt.pt", "loss.csv", "loss.png", "mean_image.png", "metrics.csv",
+                                        "pure_noise_epoch01.png"]
+    row = next(csv.DictReader(open(os.path.join(pure, "metrics.csv"))))
+    assert float(row["mean_output_vs_mean_image_mse"]) >= 0
+
+
+def test_denoise_resume_reproduces_an_uninterrupted_run(mnist, tmp_path, monkeypatch):
+    whole, broken = str(tmp_path / "whole"), str(tmp_path / "broken")
+    run_denoise(*tiny_denoise_args(mnist, whole, "--epochs", 2))
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt  # the machine goes down right after the epoch-1 checkpoint
+
+    monkeypatch.setattr(denoise, "denoised_figure", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_denoise(*tiny_denoise_args(mnist, broken, "--epochs", 2))
+    monkeypatch.undo()
+    run_denoise(*tiny_denoise_args(mnist, broken, "--epochs", 2, "--resume", os.path.join(broken, "ckpt.pt")))
+    a = torch.load(os.path.join(whole, "ckpt.pt"), weights_only=True)
+    b = torch.load(os.path.join(broken, "ckpt.pt"), weights_only=True)
+    assert a["losses"] == b["losses"] and a["metrics"] == b["metrics"]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def denoise_error(capsys, *argv):
+    with pytest.raises(SystemExit) as e:
+        run_denoise(*argv)
+    assert e.value.code != 0
+    return str(e.value.code) if isinstance(e.value.code, str) else capsys.readouterr().err
+
+
+def test_denoise_bad_input_is_refused(mnist, tmp_path, capsys):
+    assert "--sigma" in denoise_error(capsys, "--sigma", "-1")
+    assert "at least 1" in denoise_error(capsys, "--epochs", "0")
+    assert "positive" in denoise_error(capsys, "--lr", "0")
+    assert "train-images-idx3-ubyte" in denoise_error(capsys, "--data", tmp_path / "none", "--out", tmp_path / "o")
+    (tmp_path / "file").write_text("")
+    assert "cannot write to --out" in denoise_error(capsys, "--out", tmp_path / "file" / "x")
+    assert "at step" in denoise_error(capsys, *tiny_denoise_args(mnist, tmp_path / "nan", "--epochs", 1, "--lr", 1e30))
+    flow_run = str(tmp_path / "flow")
+    run_flow(*tiny_flow_args(mnist, flow_run, "--epochs", 1))
+    message = denoise_error(capsys, *tiny_denoise_args(mnist, tmp_path / "d", "--resume", os.path.join(flow_run, "ckpt.pt")))
+    assert "not a denoise.py checkpoint" in message
+    run_denoise(*tiny_denoise_args(mnist, tmp_path / "d1", "--epochs", 1))
+    message = denoise_error(capsys, *tiny_denoise_args(mnist, tmp_path / "d2", "--epochs", 1, "--pure-noise",
+                                                       "--resume", tmp_path / "d1" / "ckpt.pt"))
+    assert "--pure-noise False" in message
