@@ -130,7 +130,7 @@ def psnr(mse):
 # figures: rows of digits with their labels
 
 
-def figure(rows, row_labels, col_labels=None, title=None, scale=2):
+def figure(rows, row_labels, col_labels=None, title=None, scale=3):
     """Rows of digits (each N x 1 x 28 x 28, all of one length) as one labelled PIL image."""
     strips = [grid_image(row, nrow=len(row), scale=scale) for row in rows]
     left, top = 150, 8 + 22 * (title is not None) + 20 * (col_labels is not None)
@@ -194,13 +194,15 @@ def pure_noise_figure(model, epoch, n=10):
 
 
 def train(args, device):
-    model = UNet(args.hidden).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    model = UNet(args.hidden).to(device, memory_format=torch.channels_last)  # faster convolutions
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=device.type == "cuda")
     losses, lrs, metrics, start_epoch = [], [], [], 1
     if args.resume:
         ckpt = resume("denoise.py", args, ("hidden", "batch_size", "epochs", "limit", "sigma", "pure_noise"),
                       model, optimizer)
         losses, lrs, metrics, start_epoch = ckpt["losses"], ckpt["lrs"], ckpt["metrics"], ckpt["epoch"] + 1
+    if args.compile:
+        model.compile()
     x_all, _ = load_mnist(args.data, device, args.limit)
     x_test, _ = load_mnist(args.data, device, args.limit, train=False)
     if len(x_all) < args.batch_size:
@@ -276,6 +278,8 @@ def main(argv=None):
     parser.add_argument("--data", default="data", help="MNIST root: reads DATA/MNIST/raw, downloads there if missing (default: %(default)s)")
     parser.add_argument("--out", default=None, help="output folder (default: samples/denoise, or samples/denoise_pure_noise)")
     parser.add_argument("--resume", default=None, metavar="CKPT", help="continue training from this checkpoint (default: start afresh)")
+    parser.add_argument("--amp", action="store_true", help="bfloat16 autocast for training (default: off, fp32)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet for training; slow to start (default: off)")
     parser.add_argument("--benchmark", action="store_true", help="time 30 training steps and one figure, then exit (default: off)")
     parser.add_argument("--log-every", type=positive_int, default=50, metavar="N", help="steps between progress lines (default: %(default)s)")
     parser.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto", help="auto picks cuda, then mps, then cpu (default: %(default)s)")

@@ -167,6 +167,62 @@ def test_solvers_call_the_network_as_often_as_they_claim(solver, nfe):
     assert len(model.seen) == 5 * nfe
 
 
+@pytest.mark.parametrize("solver,order", [("euler", 1), ("midpoint", 2), ("heun", 2)])
+def test_solvers_converge_at_their_order_on_a_known_flow(solver, order):
+    model = Spy()
+    a, b = model.a.item(), model.b.item()
+    x0 = noise(3, seed=4).double()
+    exact = math.exp(a) * x0 + b * (math.exp(a) - 1 - a) / a ** 2  # dx/dt = a x + b t, solved
+    errors = [(flow.sample(model.double(), 3, steps=n, seed=4, solver=solver).double() - exact).abs().max().item()
+              for n in (8, 16, 32)]
+    for coarse, fine in zip(errors, errors[1:]):  # doubling the steps divides the error by 2^order
+        assert coarse / fine == pytest.approx(2 ** order, rel=0.15), errors
+
+
+def test_ema_of_a_constant_stays_and_follows_a_step_at_its_rate():
+    model, ema = flow.UNet(8), flow.UNet(8)
+    ema.load_state_dict(model.state_dict())
+    for _ in range(5):
+        flow.update_ema(ema, model, 0.9)
+    assert all(torch.equal(e, p) for e, p in zip(ema.parameters(), model.parameters()))
+    start = [p.clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # a step change of +1 in every weight
+    for _ in range(10):
+        flow.update_ema(ema, model, 0.9)
+    for e, s in zip(ema.parameters(), start):  # 1 - 0.9^10 of the way there
+        assert torch.allclose(e - s, torch.full_like(s, 1 - 0.9 ** 10), atol=1e-5)
+    assert all(torch.equal(e, b) for e, b in zip(ema.buffers(), model.buffers()))
+
+
+def test_channels_last_gives_the_plain_result():
+    torch.manual_seed(0)
+    model = flow.UNet(8, 10).eval()
+    x_t, t, c = torch.randn(4, 1, 28, 28), torch.rand(4, 1), torch.eye(10)[:4]
+    with torch.no_grad():
+        plain = model(x_t, t, c)
+        fast = model.to(memory_format=torch.channels_last)(x_t, t, c)
+    assert torch.allclose(plain, fast, atol=1e-5)
+
+
+def test_bfloat16_autocast_stays_close_to_fp32():
+    torch.manual_seed(0)
+    model = flow.UNet(8, 10)
+    x1, labels = torch.rand(32, 1, 28, 28), torch.arange(32) % 10
+    losses = []
+    for amp in (False, True):
+        torch.manual_seed(1)
+        with torch.autocast("cpu", torch.bfloat16, enabled=amp):
+            losses.append(flow.flow_matching_loss(model, x1, labels).item())
+    assert losses[1] == pytest.approx(losses[0], rel=0.02)  # bf16 keeps 8 bits of mantissa
+    model.eval()
+    with torch.autocast("cpu", torch.bfloat16):
+        fast = flow.sample(model, 10, torch.arange(10), steps=5, guidance=5.0)
+    plain = flow.sample(model, 10, torch.arange(10), steps=5, guidance=5.0)
+    assert fast.dtype == torch.float32 and (fast - plain).abs().mean() < 0.02 * plain.abs().mean()
+
+
 def test_sampling_leaves_training_mode_and_global_rng_alone():
     model = flow.UNet(8).train()
     torch.manual_seed(5)
@@ -203,9 +259,31 @@ def test_tiny_run_writes_every_output(mnist, tmp_path):
 def test_sample_only_writes_a_grid_from_a_checkpoint(mnist, tmp_path, capsys):
     out = str(tmp_path / "run")
     run_flow(*tiny_flow_args(mnist, out, "--epochs", 1, "--cond", "time"))
-    run_flow("--sample-only", "--ckpt", os.path.join(out, "ckpt.pt"), "--steps", 2, "--solver", "heun")
+    run_flow("--sample-only", "--ckpt", os.path.join(out, "ckpt.pt"), "--steps", 2, "--solver", "heun", "--amp")
     assert "samples.png" in capsys.readouterr().out
     assert Image.open(os.path.join(out, "samples.png")).size == (604, 244)
+
+
+def test_ema_run_samples_from_the_averaged_weights(mnist, tmp_path):
+    out = str(tmp_path / "run")
+    run_flow(*tiny_flow_args(mnist, out, "--epochs", 1, "--ema", 0.5))
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    name = "conv_out.1.weight"
+    assert not torch.equal(ckpt["ema"][name], ckpt["model"][name])
+    assert torch.equal(flow.load_checkpoint(os.path.join(out, "ckpt.pt")).state_dict()[name], ckpt["ema"][name])
+
+
+def test_solver_table_prints_every_solver_and_nfe(mnist, tmp_path, capsys, monkeypatch):
+    out = str(tmp_path / "run")
+    run_flow(*tiny_flow_args(mnist, out, "--epochs", 1, "--cond", "time"))
+    capsys.readouterr()
+    monkeypatch.setattr(flow.solver_table, "__defaults__", ((2, 4), 8))  # NFE 2 and 4, reference 8 steps
+    run_flow("--solver-table", "--ckpt", os.path.join(out, "ckpt.pt"))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == "| NFE | euler | midpoint | heun |"
+    errors = [[float(v) for v in line.strip("| ").split(" | ")[1:]] for line in lines[3:]]
+    assert len(errors) == 2 and all(e >= 0 for row in errors for e in row)
+    assert errors[1][2] < errors[0][2]  # more network calls, closer to the reference
 
 
 def test_resume_reproduces_an_uninterrupted_run(mnist, tmp_path, monkeypatch):
