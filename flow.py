@@ -349,10 +349,10 @@ def resume(script, args, same_flags, model, optimizer, scheduler=None):
     """Load the state of args.resume into model, optimizer, scheduler and the random streams."""
     ckpt = read_checkpoint(args.resume, next(model.parameters()).device, script)
     for key in same_flags:
-        if ckpt["args"][key] != getattr(args, key):
+        if ckpt["args"].get(key) != getattr(args, key):
             flag = "--" + key.replace("_", "-")
-            raise ValueError(f"{args.resume} was trained with {flag} {ckpt['args'][key]}, not {getattr(args, key)}: "
-                             f"pass {flag} {ckpt['args'][key]} to resume it")
+            raise ValueError(f"{args.resume} was trained with {flag} {ckpt['args'].get(key)}, not {getattr(args, key)}: "
+                             f"pass {flag} {ckpt['args'].get(key)} to resume it")
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     if scheduler:
