@@ -213,7 +213,8 @@ def train(args, device):
         return denoising_loss(model, to_float(x_all[idx]), args.sigma, args.pure_noise)
 
     if args.benchmark:
-        return benchmark(model, optimizer, batch_loss, len(x_all), args, lambda: denoised_figure(model, shown, args.sigma, 0))
+        return benchmark(model, optimizer, batch_loss, len(x_all), args,
+                         lambda: denoised_figure(model, shown, args.sigma, 0), "denoised figure")
     steps = len(x_all) // args.batch_size
     print(f"{'pure-noise' if args.pure_noise else f'sigma {args.sigma}'} denoiser, "
           f"{sum(p.numel() for p in model.parameters()):,} parameters, {len(x_all):,} train and {len(x_test):,} "

@@ -364,9 +364,9 @@ def resume(script, args, same_flags, model, optimizer, scheduler=None):
     return ckpt
 
 
-def benchmark(model, optimizer, batch_loss, num_images, args, make_samples, steps=30):
-    """Training images/s over `steps` steps and the seconds make_samples() takes, both after a
-    warm-up, through the same functions a real run uses."""
+def benchmark(model, optimizer, batch_loss, num_images, args, make_samples, what, steps=30):
+    """Training images/s over `steps` steps and the seconds make_samples() takes (it makes `what`),
+    both after a warm-up, through the same functions a real run uses."""
     device = next(model.parameters()).device
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     args.log_every, args.epochs = 10 ** 9, 1
@@ -383,7 +383,7 @@ def benchmark(model, optimizer, batch_loss, num_images, args, make_samples, step
     sync()
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"{device.type}, {torch.get_num_threads()} threads"
     print(f"benchmark on {name}: training {train_speed:.0f} images/s (batch {args.batch_size}); "
-          f"sampling {time.time() - t0:.2f} s per grid")
+          f"{time.time() - t0:.2f} s per {what}")
 
 
 def build(args, device):
@@ -414,7 +414,8 @@ def train(args, device):
         return flow_matching_loss(model, x1, y_all[idx] if model.num_classes else None, args.p_uncond)
 
     if args.benchmark:
-        return benchmark(model, optimizer, batch_loss, len(x_all), args, lambda: sample_grid(model, args))
+        return benchmark(model, optimizer, batch_loss, len(x_all), args, lambda: sample_grid(model, args),
+                         f"40-digit grid ({args.solver}, {args.steps} steps)")
     steps = len(x_all) // args.batch_size
     print(f"{args.cond}-conditioned UNet, {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"{len(x_all):,} images, {steps} steps per epoch, device {device}")

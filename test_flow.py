@@ -501,3 +501,13 @@ def test_denoise_bad_input_is_refused(mnist, tmp_path, capsys):
     message = denoise_error(capsys, *tiny_denoise_args(mnist, tmp_path / "d2", "--epochs", 1, "--pure-noise",
                                                        "--resume", tmp_path / "d1" / "ckpt.pt"))
     assert "--pure-noise False" in message
+
+
+@pytest.mark.parametrize("script", [flow, denoise])
+def test_benchmark_reports_speed_and_writes_nothing(script, mnist, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    script.main(["--benchmark", "--data", mnist, "--hidden", "8", "--limit", "256", "--batch-size", "8"]
+                + (["--steps", "2"] if script is flow else []))
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line.startswith("benchmark on cpu") and "images/s" in line and " s per " in line
+    assert os.listdir(tmp_path) == []
