@@ -196,9 +196,10 @@ def sample_grid(model, args, path=None):
 
 
 def save_gif(path, frames, num_frames=40):
-    """The sampling trajectory as an animated GIF: num_frames evenly spaced steps, then a pause."""
+    """The sampling trajectory as an animated GIF: num_frames evenly spaced steps, then a pause.
+    16 grey levels keep the noisy early frames compressible (about 600 KB instead of 2.6 MB)."""
     picks = sorted({round(k * (len(frames) - 1) / (num_frames - 1)) for k in range(num_frames)})
-    images = [grid_image(frames[i]).convert("P") for i in picks]
+    images = [grid_image(frames[i]).point(lambda v: v // 16 * 17).convert("P") for i in picks]
     durations = [80] * (len(images) - 1) + [1500]
     images[0].save(path, save_all=True, append_images=images[1:], duration=durations, loop=0)
 
