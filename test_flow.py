@@ -447,6 +447,7 @@ def test_denoise_runs_write_every_figure(mnist, tmp_path):
                                        "metrics.csv", "noising.png", "ood.png"]
     metrics = list(csv.DictReader(open(os.path.join(out, "metrics.csv"))))
     assert [float(r["sigma"]) for r in metrics] == [0.5, 0.5] + denoise.SIGMAS  # 2 epochs, then every sigma
+    assert metrics[1]["test_mse"] == metrics[2 + denoise.SIGMAS.index(0.5)]["test_mse"]  # the same test at sigma 0.5
     assert all(float(r["test_psnr_db"]) == pytest.approx(10 * math.log10(1 / float(r["test_mse"])), rel=1e-4)
                for r in metrics)
     assert len(list(csv.DictReader(open(os.path.join(out, "loss.csv"))))) == 2 * 2
