@@ -15,8 +15,8 @@ the course assignment (see README.md).
 
 Outputs go to --out (default samples/flow_<cond>): loss.csv, loss.png, samples_epochNN.png
 and ckpt.pt, written after every epoch; --resume ckpt.pt continues an interrupted run.
-How long: 10 class epochs took 40 min on a 2-core CPU with --amp (bfloat16); in fp32 the
-same CPU trains at 115-127 images/s, about 85 min. python flow.py --benchmark measures yours.
+How long: 10 class epochs took 103 min on a 2-core CPU in fp32 (about 100 images/s), 40 min
+there with --amp (bfloat16). python flow.py --benchmark measures yours.
 """
 import argparse
 import copy
