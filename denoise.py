@@ -12,9 +12,9 @@ many small steps instead, which is what flow.py does.
     python denoise.py --pure-noise      # denoise pure noise: outputs beside the mean image
     python denoise.py --epochs 1 --limit 4096   # a quick check on a CPU
 
-How long: the UNet (D = 128) trains at 24-30 images/s on a 2-core CPU in fp32, so the 5
-epochs take about three hours there; with --amp (bfloat16) 80-100 images/s, 85 minutes with
-the test-set evaluations. On a GPU, minutes. python denoise.py --benchmark measures yours.
+How long: the UNet (D = 128) trains at 29-41 images/s on a 2-core CPU in fp32, so the run
+takes 154 minutes there with the test-set evaluations; with --amp (bfloat16) 76-100 images/s,
+85 minutes. On a GPU, minutes. python denoise.py --benchmark measures yours.
 
 Outputs go to --out (default samples/denoise, or samples/denoise_pure_noise): noising.png,
 loss.csv, loss.png, denoised_epochNN.png, ood.png, metrics.csv and ckpt.pt; with
