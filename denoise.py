@@ -8,18 +8,11 @@ can only answer with the average training image: z carries no information about 
 prediction that minimises the expected squared error is then E[x]. Generating digits needs
 many small steps instead, which is what flow.py does.
 
-    python denoise.py                   # 5 epochs at sigma 0.5: every Part 1 figure
-    python denoise.py --pure-noise      # denoise pure noise: outputs beside the mean image
+    python denoise.py                   # 5 epochs at sigma 0.5 -> samples/denoise: every Part 1 figure
+    python denoise.py --pure-noise      # -> samples/denoise_pure_noise: outputs beside the mean image
     python denoise.py --epochs 1 --limit 4096   # a quick check on a CPU
 
-How long: the UNet (D = 128) trains at 29-41 images/s on a 2-core CPU in fp32, so the run
-takes 154 minutes there with the test-set evaluations; with --amp (bfloat16) 76-100 images/s,
-85 minutes. On a GPU, minutes. python denoise.py --benchmark measures yours.
-
-Outputs go to --out (default samples/denoise, or samples/denoise_pure_noise): noising.png,
-loss.csv, loss.png, denoised_epochNN.png, ood.png, metrics.csv and ckpt.pt; with
---pure-noise, pure_noise_epochNN.png and mean_image.png instead of the denoising figures.
-The training loop, loss plot and checkpoints are flow.py's; the UNet is this file's own.
+154 min on a 2-core CPU in fp32, 85 min with --amp (bfloat16); minutes on a GPU.
 """
 import argparse
 import math
@@ -30,10 +23,10 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
+from PIL import Image, ImageDraw, ImageFont
 
-from flow import (benchmark, canvas, choose_device, epoch_list, grid_image, load_mnist, positive_float, positive_int,
-                  prepare_out, resume, save_progress, train_epoch)
-
+SCRIPT = "denoise.py"  # written into every checkpoint; read_checkpoint accepts only its own
 SIGMAS = [0.0, 0.2, 0.4, 0.5, 0.6, 0.8, 1.0]  # the noise levels of the figures (B.2)
 
 # -----------------------------------------------------------------------------
@@ -90,7 +83,19 @@ class UNet(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# noising, the loss (B.1) and evaluation
+# data, noising, the loss (B.1) and evaluation
+
+
+def load_mnist(root, device, limit=None, train=True):
+    """Images (N x 28 x 28 uint8) and labels (N) of an MNIST split, on `device`."""
+    try:
+        data = torchvision.datasets.MNIST(root, train=train, download=True)
+    except (RuntimeError, OSError) as e:
+        split = "train" if train else "t10k"
+        raise ValueError(f"MNIST is not in {os.path.join(root, 'MNIST', 'raw')} and could not be downloaded "
+                         f"({str(e).splitlines()[0]}); put {split}-images-idx3-ubyte and "
+                         f"{split}-labels-idx1-ubyte there, or run once with internet access") from e
+    return data.data[:limit].to(device), data.targets[:limit].to(device)
 
 
 def add_noise(x, sigma, pure_noise=False, generator=None):
@@ -110,20 +115,13 @@ def to_float(images):
 
 @torch.inference_mode()
 def evaluate(model, images, sigma, pure_noise=False, batch_size=500, seed=0):
-    """Mean squared error of D(z) against the clean images, and the mean output, with the noise
-    fixed by seed so that epochs compare. BatchNorm uses its running statistics."""
-    was_training = model.training
+    """Mean squared error per pixel of D(z) against the clean images, and the mean output, with the
+    noise fixed by seed so that epochs compare. BatchNorm uses its running statistics."""
     model.eval()
-    device = images.device
-    generator = torch.Generator(device).manual_seed(seed)
-    squared_error, output_sum = torch.zeros((), device=device), torch.zeros(1, 28, 28, device=device)
-    for i in range(0, len(images), batch_size):
-        x = to_float(images[i:i + batch_size])
-        out = model(add_noise(x, sigma, pure_noise, generator))
-        squared_error += (out - x).pow(2).sum()
-        output_sum += out.sum(0)
-    model.train(was_training)
-    return squared_error.item() / images.numel(), output_sum / len(images)  # MSE per pixel
+    generator = torch.Generator(images.device).manual_seed(seed)
+    x = to_float(images)
+    out = torch.cat([model(add_noise(b, sigma, pure_noise, generator)) for b in x.split(batch_size)])
+    return F.mse_loss(out, x).item(), out.mean(0)
 
 
 def psnr(mse):
@@ -131,7 +129,100 @@ def psnr(mse):
 
 
 # -----------------------------------------------------------------------------
-# figures: rows of digits with their labels
+# training
+
+
+def train_epoch(model, optimizer, x_all, epoch, args):
+    """One pass over the training images in a fresh random order; returns the per-step losses."""
+    model.train()
+    steps = len(x_all) // args.batch_size  # the last partial batch is dropped
+    perm = torch.randperm(len(x_all), device=x_all.device)
+    losses, t_epoch = [], time.time()
+    for step in range(steps):
+        x = to_float(x_all[perm[step * args.batch_size:(step + 1) * args.batch_size]])
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=args.amp):
+            loss = denoising_loss(model, x, args.sigma, args.pure_noise)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if not math.isfinite(losses[-1]):
+            raise ValueError(f"the loss became {losses[-1]} at step {step + 1} of epoch {epoch}; "
+                             "the last checkpoint is kept; try a lower --lr")
+        if (step + 1) % args.log_every == 0 or step + 1 == steps:
+            seconds = time.time() - t_epoch
+            eta = seconds / (step + 1) * ((args.epochs - epoch + 1) * steps - step - 1)
+            print(f"epoch {epoch}/{args.epochs} | step {step + 1:4d}/{steps} | loss {losses[-1]:.4f} | "
+                  f"{(step + 1) * args.batch_size / seconds:4.0f} img/s | eta {eta / 60:.1f} min", flush=True)
+    return losses
+
+
+def train(args, device):
+    model = UNet(args.hidden).to(device, memory_format=torch.channels_last)  # faster convolutions
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    losses, metrics, start_epoch = [], [], 1
+    if args.resume:  # the weights, the optimizer and the random stream, as they were
+        ckpt = read_checkpoint(args.resume, device)
+        for key in ("hidden", "batch_size", "epochs", "limit", "sigma", "pure_noise"):
+            old, new, flag = ckpt["args"][key], getattr(args, key), "--" + key.replace("_", "-")
+            if old != new:
+                raise ValueError(f"{args.resume} was trained with {flag} {old}, not {new}: "
+                                 f"pass {flag} {old} to resume it")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng_cpu"].cpu())
+        if ckpt["rng_cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(ckpt["rng_cuda"].cpu())
+        losses, metrics, start_epoch = ckpt["losses"], ckpt["metrics"], ckpt["epoch"] + 1
+    x_all, x_test = (load_mnist(args.data, device, args.limit, train)[0] for train in (True, False))
+    if len(x_all) < args.batch_size:
+        raise ValueError(f"--limit {len(x_all)} is less than --batch-size {args.batch_size}: raise --limit")
+    shown = to_float(x_test[:8])  # the test digits in every figure
+    mean_image = to_float(x_all).mean(0)  # 1 x 28 x 28, the MSE-optimal answer to pure noise
+    steps = len(x_all) // args.batch_size
+    print(f"{len(x_all):,} train and {len(x_test):,} test images, {steps} steps per epoch, device {device}")
+    if not args.pure_noise:
+        sigma_figure(shown[:4]).save(os.path.join(args.out, "noising.png"))
+
+    for epoch in range(start_epoch, args.epochs + 1):
+        t_epoch = time.time()
+        losses += train_epoch(model, optimizer, x_all, epoch, args)
+        mse, mean_output = evaluate(model, x_test, args.sigma, args.pure_noise)
+        mean_loss = sum(losses[-steps:]) / steps
+        msg = f"epoch {epoch} done in {time.time() - t_epoch:.0f}s, mean loss {mean_loss:.4f}"
+        if args.pure_noise:
+            to_mean = F.mse_loss(mean_output, mean_image).item()
+            metrics.append({"epoch": epoch, "test_mse": mse, "mean_output_vs_mean_image_mse": to_mean})
+            msg += f"; test MSE {mse:.4f}; MSE(mean output, mean image) {to_mean:.6f}"
+        else:  # the trained sigma after every epoch; after the last, every sigma of SIGMAS too
+            for s in [args.sigma] + (SIGMAS if epoch == args.epochs else []):
+                mse_s = mse if s == args.sigma else evaluate(model, x_test, s)[0]  # same seed, same answer
+                metrics.append({"epoch": epoch, "sigma": s, "test_mse": mse_s, "test_psnr_db": psnr(mse_s)})
+                msg += f"\n  sigma {s}: test MSE {mse_s:.5f}, PSNR {psnr(mse_s):.2f} dB"
+        save_progress(epoch, args, model, optimizer, losses, metrics)
+        if epoch in (1, args.epochs):
+            name = f"{'pure_noise' if args.pure_noise else 'denoised'}_epoch{epoch:02d}.png"
+            epoch_figure(model, shown, args, epoch).save(os.path.join(args.out, name))
+            msg += f"; wrote {name}"
+        if epoch == args.epochs and args.pure_noise:
+            img = figure([torch.stack([mean_image, mean_output])], [f"after epoch {epoch}"],
+                         ["train mean", "mean D(z)"], f"MSE between them {to_mean:.1e}", scale=4)
+            img.save(os.path.join(args.out, "mean_image.png"))
+        elif epoch == args.epochs:
+            img = sigma_figure(shown[:3], model, f"trained at sigma {args.sigma} only")
+            img.save(os.path.join(args.out, "ood.png"))
+        print(msg, flush=True)
+
+
+# -----------------------------------------------------------------------------
+# outputs: figures, the loss curve, checkpoints
+
+
+def grid_image(x, nrow=10, scale=2):
+    """A PIL image of the digits in x (N x 1 x 28 x 28), nrow per row, enlarged `scale` times."""
+    grid = torchvision.utils.make_grid(x.float().clamp(0, 1).cpu(), nrow=nrow, padding=2, pad_value=0.5)
+    img = Image.fromarray(grid[0].mul(255).round().byte().numpy())
+    return img.resize((img.width * scale, img.height * scale), Image.NEAREST)
 
 
 def figure(rows, row_labels, col_labels=None, title=None, scale=3):
@@ -143,124 +234,98 @@ def figure(rows, row_labels, col_labels=None, title=None, scale=3):
         draw.text((img.width / 2, 6), title, fill="black", anchor="mt")
     for i, label in enumerate(col_labels or []):  # centred over column i
         draw.text((left + (2 + 30 * i + 14) * scale, top - 4), label, fill="black", anchor="mb")
-    y = top
-    for strip, label in zip(strips, row_labels):
-        img.paste(strip, (left, y))
-        draw.text((left - 8, y + strip.height / 2), label, fill="black", anchor="rm")
-        y += strip.height
-    return img
-
-
-def noising_figure(x):
-    """The same digits at every sigma of SIGMAS: one row a digit, one column a noise level."""
-    g = torch.Generator(x.device).manual_seed(0)
-    rows = [torch.stack([add_noise(digit, s, generator=g) for s in SIGMAS]) for digit in x]
-    return figure(rows, [f"test digit {i + 1}" for i in range(len(x))], [f"sigma {s}" for s in SIGMAS],
-                  "z = x + sigma * eps (B.2)")
-
-
-@torch.inference_mode()
-def denoised_figure(model, x, sigma, epoch):
-    model.eval()
-    z = add_noise(x, sigma, generator=torch.Generator(x.device).manual_seed(0))
-    img = figure([x, z, model(z)], ["clean x", f"noisy z, sigma {sigma}", "denoised D(z)"],
-                 title=f"test digits after epoch {epoch}")
-    model.train()
+    for i, (strip, label) in enumerate(zip(strips, row_labels)):
+        img.paste(strip, (left, top + i * strip.height))
+        draw.text((left - 8, top + (i + 0.5) * strip.height), label, fill="black", anchor="rm")
     return img
 
 
 @torch.inference_mode()
-def ood_figure(model, x, trained_sigma):
-    """Each digit noised at every sigma of SIGMAS (one row) and denoised (the row below)."""
-    model.eval()
+def sigma_figure(x, model=None, title="z = x + sigma * eps (B.2)"):
+    """The digits in x at every sigma of SIGMAS (B.2) and, given a model, denoised in the row below."""
     g = torch.Generator(x.device).manual_seed(0)
     rows, labels = [], []
     for i, digit in enumerate(x):
         z = torch.stack([add_noise(digit, s, generator=g) for s in SIGMAS])
-        rows += [z, model(z)]
-        labels += [f"digit {i + 1}: noisy z", "denoised D(z)"]
-    model.train()
-    return figure(rows, labels, [f"sigma {s}" for s in SIGMAS], f"trained at sigma {trained_sigma} only")
+        rows += [z] if model is None else [z, model.eval()(z)]
+        labels += [f"test digit {i + 1}"] if model is None else [f"digit {i + 1}: noisy z", "denoised D(z)"]
+    return figure(rows, labels, [f"sigma {s}" for s in SIGMAS], title)
 
 
 @torch.inference_mode()
-def pure_noise_figure(model, epoch, n=10):
-    model.eval()
-    device = next(model.parameters()).device
-    z = torch.randn(n, 1, 28, 28, device=device, generator=torch.Generator(device).manual_seed(0))
-    img = figure([z, model(z)], ["pure noise z", "output D(z)"], title=f"denoising pure noise, after epoch {epoch}")
-    model.train()
-    return img
+def epoch_figure(model, x, args, epoch):
+    """Test digits x noised at args.sigma and denoised; with --pure-noise, pure noise and its output."""
+    z = add_noise(x, args.sigma, args.pure_noise, torch.Generator(x.device).manual_seed(0))
+    if args.pure_noise:
+        return figure([z, model.eval()(z)], ["pure noise z", "output D(z)"], title=f"after epoch {epoch}")
+    return figure([x, z, model.eval()(z)], ["clean x", f"noisy z, sigma {args.sigma}", "denoised D(z)"],
+                  title=f"test digits after epoch {epoch}")
 
 
-# -----------------------------------------------------------------------------
-# training
+def canvas(width, height):
+    """A white image and a pen with a legible font, for figures drawn with Pillow alone."""
+    img = Image.new("RGB", (round(width), round(height)), "white")
+    draw = ImageDraw.Draw(img)
+    draw.font = ImageFont.load_default(13)
+    return img, draw
 
 
-def train(args, device):
-    model = UNet(args.hidden).to(device, memory_format=torch.channels_last)  # faster convolutions
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=device.type == "cuda")
-    losses, lrs, metrics, start_epoch = [], [], [], 1
-    if args.resume:
-        ckpt = resume("denoise.py", args, ("hidden", "batch_size", "epochs", "limit", "sigma", "pure_noise"),
-                      model, optimizer)
-        losses, lrs, metrics, start_epoch = ckpt["losses"], ckpt["lrs"], ckpt["metrics"], ckpt["epoch"] + 1
-    if args.compile:
-        model.compile()
-    x_all, _ = load_mnist(args.data, device, args.limit)
-    x_test, _ = load_mnist(args.data, device, args.limit, train=False)
-    if len(x_all) < args.batch_size:
-        raise ValueError(f"--limit {len(x_all)} is smaller than --batch-size {args.batch_size}: raise --limit")
-    shown = to_float(x_test[:8])  # the test digits in every figure
+def plot_loss(losses, steps_per_epoch, path, title):
+    """Per-step loss (grey) and its running mean (black) on a log y axis, epochs apart in blue."""
+    W, H, pad = 720, 420, 60
+    img, draw = canvas(W, H)
+    n, logs = len(losses), [math.log10(max(v, 1e-12)) for v in losses]
+    lo, hi = math.floor(min(logs)), max(math.ceil(max(logs)), math.floor(min(logs)) + 1)
+    px = lambda i: pad + (W - 2 * pad) * i / max(n - 1, 1)
+    py = lambda y: pad + (H - 2 * pad) * (hi - y) / (hi - lo)
+    for y in [e + math.log10(m) for e in range(lo, hi) for m in (1, 2, 5)] + [hi]:  # decades, 2x and 5x
+        draw.line([(pad, py(y)), (W - pad, py(y))], fill=(190,) * 3 if y == int(y) else (225,) * 3)
+        if y == int(y) or hi - lo <= 2:
+            draw.text((pad - 8, py(y)), f"{10 ** y:g}", fill="black", anchor="rm")
+    for k in range(math.ceil(n / steps_per_epoch)):  # epoch k + 1 labelled mid-span
+        draw.line([(px(k * steps_per_epoch), pad), (px(k * steps_per_epoch), H - pad)], fill=(180, 180, 230))
+        draw.text((px((k + 0.5) * steps_per_epoch), H - pad + 6), str(k + 1), fill="black", anchor="mt")
+    window = max(1, n // 50)
+    smooth = [sum(losses[max(0, i - window + 1):i + 1]) / min(i + 1, window) for i in range(n)]
+    draw.line([(px(i), py(v)) for i, v in enumerate(logs)], fill=(170, 170, 170))
+    draw.line([(px(i), py(math.log10(max(v, 1e-12)))) for i, v in enumerate(smooth)], fill="black", width=2)
+    draw.rectangle([pad, pad, W - pad, H - pad], outline="black")
+    draw.text((W / 2, 20), title, fill="black", anchor="mm")
+    draw.text((W / 2, H - 20), f"epoch ({steps_per_epoch} steps each, {n} in all); loss on a log scale",
+              fill="black", anchor="mm")
+    img.save(path)
 
-    def batch_loss(idx):
-        return denoising_loss(model, to_float(x_all[idx]), args.sigma, args.pure_noise)
 
-    if args.benchmark:
-        return benchmark(model, optimizer, batch_loss, len(x_all), args,
-                         lambda: denoised_figure(model, shown, args.sigma, 0), "denoised figure")
-    steps = len(x_all) // args.batch_size
-    print(f"{'pure-noise' if args.pure_noise else f'sigma {args.sigma}'} denoiser, "
-          f"{sum(p.numel() for p in model.parameters()):,} parameters, {len(x_all):,} train and {len(x_test):,} "
-          f"test images, {steps} steps per epoch, device {device}")
-    if not args.pure_noise:
-        noising_figure(shown[:4]).save(os.path.join(args.out, "noising.png"))
-    mean_image = to_float(x_all).mean(0)  # 1 x 28 x 28, the MSE-optimal answer to pure noise
+def save_progress(epoch, args, model, optimizer, losses, metrics):
+    """After each epoch: loss.csv, loss.png, metrics.csv and ckpt.pt, all that a resumed run needs."""
+    steps = len(losses) // epoch
+    with open(os.path.join(args.out, "loss.csv"), "w") as f:
+        f.write("step,epoch,loss\n")
+        f.writelines(f"{i + 1},{i // steps + 1},{v:.6f}\n" for i, v in enumerate(losses))
+    with open(os.path.join(args.out, "metrics.csv"), "w") as f:
+        f.write(",".join(metrics[-1]) + "\n")
+        f.writelines(",".join(f"{v:.6g}" for v in row.values()) + "\n" for row in metrics)
+    plot_loss(losses, steps, os.path.join(args.out, "loss.png"),
+              "pure-noise denoiser" if args.pure_noise else f"one-step denoiser, sigma {args.sigma}")
+    path = os.path.join(args.out, "ckpt.pt")
+    torch.save({"script": SCRIPT, "epoch": epoch, "args": vars(args), "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "losses": losses, "metrics": metrics,
+                "rng_cpu": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}, path + ".tmp")
+    os.replace(path + ".tmp", path)  # a crash mid-save never leaves a broken checkpoint
 
-    for epoch in range(start_epoch, args.epochs + 1):
-        t_epoch = time.time()
-        lrs.append(optimizer.param_groups[0]["lr"])
-        losses += train_epoch(model, optimizer, batch_loss, len(x_all), epoch, args)
-        mse, mean_output = evaluate(model, x_test, args.sigma, args.pure_noise)
-        msg = f"epoch {epoch} done in {time.time() - t_epoch:.1f}s, mean loss {sum(losses[-steps:]) / steps:.4f}"
-        if args.pure_noise:
-            to_mean = F.mse_loss(mean_output, mean_image).item()
-            metrics.append({"epoch": epoch, "test_mse": mse, "mean_output_vs_mean_image_mse": to_mean})
-            msg += f"; test MSE {mse:.4f}; MSE(mean output, mean image) {to_mean:.6f}"
-        else:
-            metrics.append({"epoch": epoch, "sigma": args.sigma, "test_mse": mse, "test_psnr_db": psnr(mse)})
-            msg += f"; test MSE {mse:.5f}, PSNR {psnr(mse):.2f} dB at sigma {args.sigma}"
-        if epoch == args.epochs and not args.pure_noise:  # out-of-distribution noise levels
-            for s in SIGMAS:
-                mse_s = mse if s == args.sigma else evaluate(model, x_test, s)[0]  # same noise seed: same answer
-                metrics.append({"epoch": epoch, "sigma": s, "test_mse": mse_s, "test_psnr_db": psnr(mse_s)})
-                msg += f"\n  sigma {s}: test MSE {mse_s:.5f}, PSNR {psnr(mse_s):.2f} dB"
-            ood_figure(model, shown[:3], args.sigma).save(os.path.join(args.out, "ood.png"))
-        save_progress("denoise.py", epoch, args, model, optimizer, None, losses, lrs,
-                      "pure-noise denoiser" if args.pure_noise else f"one-step denoiser, sigma {args.sigma}",
-                      metrics=metrics)
-        with open(os.path.join(args.out, "metrics.csv"), "w") as f:
-            f.write(",".join(metrics[0]) + "\n")
-            f.writelines(",".join(f"{v:.6g}" for v in row.values()) + "\n" for row in metrics)
-        if epoch in args.sample_epochs or epoch == args.epochs:
-            name = f"{'pure_noise' if args.pure_noise else 'denoised'}_epoch{epoch:02d}.png"
-            img = pure_noise_figure(model, epoch) if args.pure_noise else denoised_figure(model, shown, args.sigma, epoch)
-            img.save(os.path.join(args.out, name))
-            msg += f"; wrote {name}"
-        if args.pure_noise and epoch == args.epochs:
-            figure([torch.stack([mean_image, mean_output])], [f"after epoch {epoch}"], ["train mean", "mean D(z)"],
-                   f"MSE between them {to_mean:.1e}", scale=4).save(os.path.join(args.out, "mean_image.png"))
-        print(msg, flush=True)
+
+def read_checkpoint(path, device="cpu"):
+    """The checkpoint dict that this script wrote at path, or a ValueError that says what is wrong."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"checkpoint {path} does not exist") from None
+    except Exception as e:  # truncated zip, pickle from elsewhere, not a torch file at all
+        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}): use another one") from e
+    if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT:
+        raise ValueError(f"{path} is not a {SCRIPT} checkpoint")
+    return ckpt
 
 
 # -----------------------------------------------------------------------------
@@ -268,38 +333,46 @@ def train(args, device):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="One-step denoising UNet on MNIST (part 1 of the assignment).")
+    parser = argparse.ArgumentParser(description="One-step denoising UNet on MNIST (assignment part 1).")
+    add = parser.add_argument
     # model and objective
-    parser.add_argument("--sigma", type=float, default=0.5, help="noise level of training, z = x + sigma eps (default: %(default)s)")
-    parser.add_argument("--pure-noise", action="store_true", help="train on z = eps: denoise pure noise (default: off)")
-    parser.add_argument("--hidden", type=positive_int, default=128, metavar="D", help="hidden channels D of the UNet (default: %(default)s)")
+    add("--sigma", type=float, default=0.5, help="noise level, z = x + sigma eps (default: %(default)s)")
+    add("--pure-noise", action="store_true", help="train on z = eps: denoise pure noise (default: off)")
+    add("--hidden", type=int, default=128, metavar="D", help="UNet width D (default: %(default)s)")
     # optimisation
-    parser.add_argument("--epochs", type=positive_int, default=5, metavar="N", help="training epochs (default: %(default)s)")
-    parser.add_argument("--batch-size", type=positive_int, default=256, metavar="N", help="images per training step (default: %(default)s)")
-    parser.add_argument("--lr", type=positive_float, default=1e-4, help="Adam learning rate (default: %(default)s)")
-    parser.add_argument("--limit", type=positive_int, default=None, metavar="N", help="use the first N train and test images, for quick runs (default: all)")
-    parser.add_argument("--sample-epochs", type=epoch_list, default="1,5", help="epochs that get a figure; the last always does (default: %(default)s)")
+    add("--epochs", type=int, default=5, metavar="N", help="training epochs (default: %(default)s)")
+    add("--batch-size", type=int, default=256, metavar="N", help="batch size (default: %(default)s)")
+    add("--lr", type=float, default=1e-4, help="Adam learning rate (default: %(default)s)")
+    add("--limit", type=int, metavar="N", help="use the first N train and test images (default: all)")
     # input, output, system
-    parser.add_argument("--data", default="data", help="MNIST root: reads DATA/MNIST/raw, downloads there if missing (default: %(default)s)")
-    parser.add_argument("--out", default=None, help="output folder (default: samples/denoise, or samples/denoise_pure_noise)")
-    parser.add_argument("--resume", default=None, metavar="CKPT", help="continue training from this checkpoint (default: start afresh)")
-    parser.add_argument("--amp", action="store_true", help="bfloat16 autocast for training (default: off, fp32)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet for training; slow to start (default: off)")
-    parser.add_argument("--benchmark", action="store_true", help="time 30 training steps and one figure, then exit (default: off)")
-    parser.add_argument("--log-every", type=positive_int, default=50, metavar="N", help="steps between progress lines (default: %(default)s)")
-    parser.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto", help="auto picks cuda, then mps, then cpu (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=180, help="random seed (default: %(default)s)")
+    add("--data", default="data", help="MNIST root, downloaded if missing (default: %(default)s)")
+    add("--out", help="output folder (default: samples/denoise, or samples/denoise_pure_noise)")
+    add("--resume", metavar="CKPT", help="continue training from this checkpoint (default: start afresh)")
+    add("--amp", action="store_true", help="bfloat16 autocast for training (default: off, fp32)")
+    add("--log-every", type=int, default=50, help="steps between log lines (default: %(default)s)")
+    add("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto",
+        help="auto picks cuda, then mps, then cpu (default: %(default)s)")
+    add("--seed", type=int, default=180, help="random seed (default: %(default)s)")
     args = parser.parse_args(argv)
-    if not args.sigma >= 0:
-        parser.error(f"--sigma must be at least 0, got {args.sigma}")
-
-    device = choose_device(args.device, parser)
-    torch.manual_seed(args.seed)
+    if min(args.hidden, args.epochs, args.batch_size, args.limit or 1, args.log_every) < 1:
+        parser.error("--hidden, --epochs, --batch-size, --limit and --log-every must be at least 1")
+    if not args.lr > 0 or not args.sigma >= 0:
+        parser.error(f"--lr must be positive and --sigma at least 0, got {args.lr} and {args.sigma}")
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    device = next(d for d in available if available[d]) if args.device == "auto" else args.device
+    if not available[device]:
+        parser.error(f"--device {device} is not available on this machine: use --device auto")
     args.out = args.out or ("samples/denoise_pure_noise" if args.pure_noise else "samples/denoise")
     try:
-        if not args.benchmark:
-            prepare_out(args.out, args.resume)
-        train(args, device)
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        parser.error(f"cannot write to --out {args.out} ({e.strerror}): choose another folder")
+    if not args.resume and os.path.exists(os.path.join(args.out, "ckpt.pt")):
+        parser.error(f"{args.out} already holds a run: resume it with --resume, or choose another --out")
+
+    torch.manual_seed(args.seed)
+    try:
+        train(args, torch.device(device))
     except ValueError as e:
         sys.exit(f"denoise.py: error: {e}")
 

@@ -4,19 +4,17 @@ Flow matching on MNIST, from scratch, in one file.
 A UNet u_theta(x_t, t, c) learns the velocity of straight paths from Gaussian noise x0 to
 digits x1: x_t = (1 - t) x0 + t x1 moves at u = x1 - x0 (B.3, B.4), so training is plain
 regression (B.5). Sampling integrates dx/dt = u_theta from t = 0 (noise) to t = 1 (a digit)
-with Euler steps; with class conditioning, classifier-free guidance mixes the conditional
-and unconditional velocities. The architecture, algorithms B.1-B.4 and defaults follow
-the course assignment (see README.md).
+with Euler steps; with classes, classifier-free guidance mixes the conditional and
+unconditional velocities. Architecture, algorithms and defaults follow the course assignment.
 
     python flow.py --cond class --epochs 10        # class-conditioned, 4 of each digit
     python flow.py --cond time --epochs 10         # time-only, 40 unconditional digits
     python flow.py --cond class --epochs 1 --limit 2048   # a quick check on a CPU
     python flow.py --sample-only --ckpt samples/flow_class/ckpt.pt --solver midpoint --steps 50
 
-Outputs go to --out (default samples/flow_<cond>): loss.csv, loss.png, samples_epochNN.png
-and ckpt.pt, written after every epoch; --resume ckpt.pt continues an interrupted run.
-How long: 10 class epochs took 103 min on a 2-core CPU in fp32 (about 100 images/s), 40 min
-there with --amp (bfloat16). python flow.py --benchmark measures yours.
+Outputs, in --out (default samples/flow_<cond>), rewritten after every epoch: loss.csv, loss.png,
+samples_epochNN.png, ckpt.pt (--resume it after a crash). 10 class epochs take 103 min on a 2-core
+CPU in fp32, 40 min with --amp (bfloat16); python flow.py --benchmark measures yours.
 """
 import argparse
 import copy
@@ -30,6 +28,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from PIL import Image, ImageDraw, ImageFont
+
+SCRIPT = "flow.py"  # written into every checkpoint; read_checkpoint accepts only its own
 
 # -----------------------------------------------------------------------------
 # building blocks (the assignment's standard UNet operations)
@@ -123,14 +123,15 @@ def flow_matching_loss(model, x1, labels=None, p_uncond=0.1):
 def sample(model, num_samples, labels=None, steps=50, guidance=5.0, seed=0, solver="euler", path=None):
     """Integrate dx/dt = u_theta(x, t) from noise at t = 0 to digits at t = 1 in `steps` steps.
     labels (a LongTensor of digits) turns on classifier-free guidance with weight `guidance`.
-    euler is the assignment's B.2/B.4 (1 network call a step); midpoint and heun are
-    second-order (2 calls a step). `path`, if a list, receives x at every step, on the CPU.
-    Returns num_samples x 1 x 28 x 28; BatchNorm uses its running statistics meanwhile."""
+    euler is the assignment's B.2/B.4 (1 network call a step); midpoint and heun are second-order
+    (2 calls a step). `path`, if a list, receives x at every step, on the CPU. BatchNorm uses its
+    running statistics. Returns num_samples x 1 x 28 x 28."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     # a generator of its own, so sampling never shifts the training run's random stream
-    x = torch.randn(num_samples, 1, 28, 28, device=device, generator=torch.Generator(device).manual_seed(seed))
+    generator = torch.Generator(device).manual_seed(seed)
+    x = torch.randn(num_samples, 1, 28, 28, device=device, generator=generator)
     if labels is not None:  # cond and uncond halves of one batch: one network call per velocity
         c = F.one_hot(labels.to(device), model.num_classes).float()
         c = torch.cat([c, torch.zeros_like(c)])
@@ -139,7 +140,7 @@ def sample(model, num_samples, labels=None, steps=50, guidance=5.0, seed=0, solv
         t = torch.full((x.shape[0], 1), t, device=device)
         if labels is None:
             return model(x, t).float()
-        u_cond, u_uncond = model(torch.cat([x, x]), torch.cat([t, t]), c).float().chunk(2)  # fp32 under --amp too
+        u_cond, u_uncond = model(torch.cat([x, x]), torch.cat([t, t]), c).float().chunk(2)  # fp32 under --amp
         return u_uncond + guidance * (u_cond - u_uncond)  # B.4
 
     dt = 1.0 / steps
@@ -171,11 +172,141 @@ def load_mnist(root, device, limit=None, train=True):
     try:
         data = torchvision.datasets.MNIST(root, train=train, download=True)
     except (RuntimeError, OSError) as e:
-        prefix = "train" if train else "t10k"
-        raise ValueError(
-            f"MNIST is not in {os.path.join(root, 'MNIST', 'raw')} and could not be downloaded ({str(e).splitlines()[0]}); "
-            f"put {prefix}-images-idx3-ubyte and {prefix}-labels-idx1-ubyte there, or run once with internet access") from e
+        split = "train" if train else "t10k"
+        raise ValueError(f"MNIST is not in {os.path.join(root, 'MNIST', 'raw')} and could not be downloaded "
+                         f"({str(e).splitlines()[0]}); put {split}-images-idx3-ubyte and "
+                         f"{split}-labels-idx1-ubyte there, or run once with internet access") from e
     return data.data[:limit].to(device), data.targets[:limit].to(device)
+
+
+# -----------------------------------------------------------------------------
+# training
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    """ema <- decay * ema + (1 - decay) * model for the weights; BatchNorm statistics are copied."""
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1 - decay)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)
+
+
+def train_epoch(model, optimizer, x_all, y_all, epoch, args, ema=None):
+    """One pass over the images in a fresh random order, `ema` (if any) following the weights.
+    Returns the per-step losses; stops at the first log step that finds one non-finite."""
+    device = x_all.device
+    model.train()
+    steps = len(x_all) // args.batch_size  # the last partial batch is dropped
+    perm = torch.randperm(len(x_all), device=device)
+    losses = torch.zeros(steps, device=device)  # read back at log steps only: no sync per step
+    t_epoch = t_log = time.time()
+    for step in range(steps):
+        idx = perm[step * args.batch_size:(step + 1) * args.batch_size]
+        x1 = x_all[idx].unsqueeze(1).float() / 255  # B x 1 x 28 x 28 in [0, 1]
+        with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
+            loss = flow_matching_loss(model, x1, y_all[idx] if model.num_classes else None, args.p_uncond)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if ema is not None:
+            update_ema(ema, model, args.ema)
+        losses[step] = loss.detach()
+        if (step + 1) % args.log_every and step + 1 < steps:
+            continue
+        seen = losses[:step + 1].cpu()
+        if not seen.isfinite().all():
+            first = int((~seen.isfinite()).nonzero()[0])
+            kept = f"the checkpoint of epoch {epoch - 1} is kept" if epoch > 1 else "no checkpoint exists yet"
+            at = (epoch - 1) * steps + first + 1
+            raise ValueError(f"the loss became {seen[first].item()} at step {at}; {kept}; try a lower --lr")
+        now = time.time()
+        eta = (now - t_epoch) / (step + 1) * ((args.epochs - epoch + 1) * steps - step - 1)
+        images = ((step + 1) % args.log_every or args.log_every) * args.batch_size
+        print(f"epoch {epoch:3d}/{args.epochs} | step {step + 1:5d}/{steps} | loss {seen[-1].item():.4f} | "
+              f"lr {optimizer.param_groups[0]['lr']:.2e} | {images / (now - t_log):6.0f} img/s | "
+              f"eta {eta / 60:5.1f} min", flush=True)
+        t_log = now
+    return seen.tolist()
+
+
+def resume(args, model, optimizer, scheduler, ema):
+    """Load args.resume into the model, optimizer, scheduler, EMA and the random streams.
+    Returns the losses and learning rates so far and the epoch to continue with."""
+    ckpt = read_checkpoint(args.resume, next(model.parameters()).device)
+    for key in ("cond", "hidden", "batch_size", "epochs", "limit", "ema"):
+        old, new, flag = ckpt["args"].get(key), getattr(args, key), "--" + key.replace("_", "-")
+        if old != new:
+            raise ValueError(f"{args.resume} was trained with {flag} {old}, not {new}: "
+                             f"pass {flag} {old} to resume it")
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    if ema:
+        ema.load_state_dict(ckpt["ema"])
+    torch.set_rng_state(ckpt["rng_cpu"].cpu())
+    if ckpt["rng_cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(ckpt["rng_cuda"].cpu())
+    print(f"resumed {args.resume} after epoch {ckpt['epoch']}")
+    return ckpt["losses"], ckpt["lrs"], ckpt["epoch"] + 1
+
+
+def benchmark(model, optimizer, x_all, y_all, args, steps=30):
+    """Training images/s over `steps` steps and the seconds one sample grid takes, through the
+    same functions a real run uses."""
+    args.log_every, args.epochs, n = 10 ** 9, 1, min(len(x_all), steps * args.batch_size)
+
+    def seconds(work):  # the second of two runs: the first pays for warm-up and kernel autotuning
+        for _ in range(2):
+            t0 = time.time()
+            work()
+            torch.cuda.synchronize() if x_all.is_cuda else None
+        return time.time() - t0
+
+    train_speed = n // args.batch_size * args.batch_size / seconds(
+        lambda: train_epoch(model, optimizer, x_all[:n], y_all[:n], 1, args))
+    grid_seconds = seconds(lambda: sample_grid(model, args))
+    cpu = f"{x_all.device.type}, {torch.get_num_threads()} threads"
+    name = torch.cuda.get_device_name() if x_all.is_cuda else cpu
+    print(f"benchmark on {name}: training {train_speed:.0f} images/s (batch {args.batch_size}); "
+          f"{grid_seconds:.2f} s per 40-digit grid ({args.solver}, {args.steps} steps)")
+
+
+def train(args, device):
+    # channels-last memory suits the convolution kernels of CPUs and GPUs alike
+    model = UNet(args.hidden, 10 if args.cond == "class" else 0).to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, 0.1 ** (1 / args.epochs))  # once an epoch
+    ema = copy.deepcopy(model).requires_grad_(False) if args.ema else None  # sampled from instead of model
+    losses, lrs, start_epoch = [], [], 1
+    if args.resume:
+        losses, lrs, start_epoch = resume(args, model, optimizer, scheduler, ema)
+    if args.compile:
+        model.compile()  # fuses BatchNorm, GELU and the rest; the first steps are slow while it compiles
+    x_all, y_all = load_mnist(args.data, device, args.limit)
+    if len(x_all) < args.batch_size:
+        raise ValueError(f"--limit {len(x_all)} is less than --batch-size {args.batch_size}: raise --limit")
+    if args.benchmark:
+        return benchmark(model, optimizer, x_all, y_all, args)
+    steps = len(x_all) // args.batch_size
+    print(f"{args.cond}-conditioned UNet, {sum(p.numel() for p in model.parameters()):,} parameters, "
+          f"{len(x_all):,} images, {steps} steps per epoch, device {device}")
+    for epoch in range(start_epoch, args.epochs + 1):
+        t_epoch = time.time()
+        lrs.append(optimizer.param_groups[0]["lr"])
+        losses += train_epoch(model, optimizer, x_all, y_all, epoch, args, ema)
+        scheduler.step()
+        save_progress(epoch, args, model, optimizer, scheduler, losses, lrs, ema)
+        mean_loss = sum(losses[-steps:]) / steps
+        msg = f"epoch {epoch} done in {time.time() - t_epoch:.1f}s, mean loss {mean_loss:.4f}"
+        if epoch in args.sample_epochs or epoch == args.epochs:
+            t_sample, frames = time.time(), [] if args.gif and epoch == args.epochs else None
+            name = f"samples_epoch{epoch:02d}.png"
+            sample_grid(ema or model, args, frames).save(os.path.join(args.out, name))
+            if frames:
+                save_gif(os.path.join(args.out, "sampling.gif"), frames)
+            msg += f"; wrote {name} in {time.time() - t_sample:.1f}s"
+        print(msg, flush=True)
 
 
 # -----------------------------------------------------------------------------
@@ -215,38 +346,45 @@ def canvas(width, height):
 
 
 def plot_loss(losses, steps_per_epoch, path, title):
-    """Per-step loss (gray) and its running mean (black) on a log y axis, epochs dashed."""
-    W, H, left, right, top, bottom = 720, 420, 70, 20, 36, 50
+    """Per-step loss (grey) and its running mean (black) on a log y axis, epochs apart in blue."""
+    W, H, pad = 720, 420, 60
     img, draw = canvas(W, H)
-    n = len(losses)
-    logs = [math.log10(max(v, 1e-12)) for v in losses]
-    lo, hi = math.floor(min(logs)), math.ceil(max(logs))
-    hi += hi == lo
-    px = lambda i: left + (W - left - right) * i / max(n - 1, 1)
-    py = lambda y: top + (H - top - bottom) * (hi - y) / (hi - lo)
-    for e in range(lo, hi + 1):  # decades labelled, 2x and 5x as light grid lines
-        for m in (1, 2, 5):
-            y = e + math.log10(m)
-            if y <= hi:
-                draw.line([(left, py(y)), (W - right, py(y))], fill=(225, 225, 225) if m > 1 else (190, 190, 190))
-                if m == 1 or hi - lo <= 2:
-                    draw.text((left - 8, py(y)), f"{10 ** y:g}", fill="black", anchor="rm")
-    epochs = math.ceil(n / steps_per_epoch)
-    for k in range(1, epochs + 1):  # epoch k labelled mid-span, boundaries dashed
-        draw.text((px((k - 0.5) * steps_per_epoch), H - bottom + 6), str(k), fill="black", anchor="mt")
-        if k < epochs:
-            x = px(k * steps_per_epoch - 0.5)
-            for y in range(top, H - bottom, 8):
-                draw.line([(x, y), (x, y + 4)], fill=(150, 150, 220))
+    n, logs = len(losses), [math.log10(max(v, 1e-12)) for v in losses]
+    lo, hi = math.floor(min(logs)), max(math.ceil(max(logs)), math.floor(min(logs)) + 1)
+    px = lambda i: pad + (W - 2 * pad) * i / max(n - 1, 1)
+    py = lambda y: pad + (H - 2 * pad) * (hi - y) / (hi - lo)
+    for y in [e + math.log10(m) for e in range(lo, hi) for m in (1, 2, 5)] + [hi]:  # decades, 2x and 5x
+        draw.line([(pad, py(y)), (W - pad, py(y))], fill=(190,) * 3 if y == int(y) else (225,) * 3)
+        if y == int(y) or hi - lo <= 2:
+            draw.text((pad - 8, py(y)), f"{10 ** y:g}", fill="black", anchor="rm")
+    for k in range(math.ceil(n / steps_per_epoch)):  # epoch k + 1 labelled mid-span
+        draw.line([(px(k * steps_per_epoch), pad), (px(k * steps_per_epoch), H - pad)], fill=(180, 180, 230))
+        draw.text((px((k + 0.5) * steps_per_epoch), H - pad + 6), str(k + 1), fill="black", anchor="mt")
     window = max(1, n // 50)
-    smooth = [sum(losses[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(n)]
-    for values, colour in ((logs, (170, 170, 170)), ([math.log10(max(v, 1e-12)) for v in smooth], "black")):
-        draw.line([(px(i), py(v)) for i, v in enumerate(values)], fill=colour, width=1 if colour != "black" else 2)
-    draw.rectangle([left, top, W - right, H - bottom], outline="black")
-    draw.text((W / 2, 10), title, fill="black", anchor="mt")
-    draw.text((W / 2, H - 18), f"epoch ({steps_per_epoch} steps each, {n} in all)", fill="black", anchor="mm")
-    draw.text((8, 6), "loss (log)", fill="black")
+    smooth = [sum(losses[max(0, i - window + 1):i + 1]) / min(i + 1, window) for i in range(n)]
+    draw.line([(px(i), py(v)) for i, v in enumerate(logs)], fill=(170, 170, 170))
+    draw.line([(px(i), py(math.log10(max(v, 1e-12)))) for i, v in enumerate(smooth)], fill="black", width=2)
+    draw.rectangle([pad, pad, W - pad, H - pad], outline="black")
+    draw.text((W / 2, 20), title, fill="black", anchor="mm")
+    draw.text((W / 2, H - 20), f"epoch ({steps_per_epoch} steps each, {n} in all); loss on a log scale",
+              fill="black", anchor="mm")
     img.save(path)
+
+
+def save_progress(epoch, args, model, optimizer, scheduler, losses, lrs, ema=None):
+    """After each epoch: loss.csv, loss.png and ckpt.pt, everything a resumed run needs."""
+    steps = len(losses) // epoch
+    with open(os.path.join(args.out, "loss.csv"), "w") as f:
+        f.write("step,epoch,loss,lr\n")
+        f.writelines(f"{i + 1},{i // steps + 1},{v:.6f},{lrs[i // steps]:.6e}\n"
+                     for i, v in enumerate(losses))
+    title = f"flow matching, {args.cond}-conditioned UNet"
+    plot_loss(losses, steps, os.path.join(args.out, "loss.png"), title)
+    save_checkpoint(os.path.join(args.out, "ckpt.pt"), {
+        "script": SCRIPT, "epoch": epoch, "args": vars(args), "model": model.state_dict(),
+        "ema": ema.state_dict() if ema else None, "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(), "losses": losses, "lrs": lrs, "rng_cpu": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None})
 
 
 def save_checkpoint(path, state):
@@ -255,189 +393,28 @@ def save_checkpoint(path, state):
     os.replace(path + ".tmp", path)
 
 
-def read_checkpoint(path, device="cpu", script="flow.py"):
-    """The checkpoint dict that `script` wrote at path, or a ValueError that says what is wrong."""
-    if not os.path.isfile(path):
-        raise ValueError(f"checkpoint {path} does not exist")
+def read_checkpoint(path, device="cpu"):
+    """The checkpoint dict that this script wrote at path, or a ValueError that says what is wrong."""
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"checkpoint {path} does not exist") from None
     except Exception as e:  # truncated zip, pickle from elsewhere, not a torch file at all
-        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}); it may be truncated: "
-                         "use another one or train again") from e
-    if not isinstance(ckpt, dict) or ckpt.get("script") != script:
-        raise ValueError(f"{path} is not a {script} checkpoint")
+        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}): use another one") from e
+    if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT:
+        raise ValueError(f"{path} is not a {SCRIPT} checkpoint")
     return ckpt
-
-
-def model_from_checkpoint(ckpt, path):
-    args = ckpt["args"]
-    model = UNet(args["hidden"], 10 if args["cond"] == "class" else 0)
-    try:
-        model.load_state_dict(ckpt.get("ema") or ckpt["model"])  # the averaged weights, where trained with --ema
-    except RuntimeError as e:
-        raise ValueError(f"the weights in {path} do not fit a --cond {args['cond']} --hidden {args['hidden']} UNet") from e
-    return model
 
 
 def load_checkpoint(path, device="cpu"):
     """The UNet saved in a flow.py checkpoint (its EMA weights if it has them), on `device`, in eval mode."""
-    return model_from_checkpoint(read_checkpoint(path, device), path).to(device).eval()
-
-
-# -----------------------------------------------------------------------------
-# training
-
-
-@torch.no_grad()
-def update_ema(ema, model, decay):
-    """ema <- decay * ema + (1 - decay) * model for the weights; BatchNorm statistics are copied."""
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p, 1 - decay)
-    for e, b in zip(ema.buffers(), model.buffers()):
-        e.copy_(b)
-
-
-def train_epoch(model, optimizer, batch_loss, num_images, epoch, args, ema=None):
-    """One pass over the images in a fresh random order, batch_loss(indices) giving each step's
-    loss, `ema` (if any) following the weights. Returns the per-step losses; stops at the first
-    log step that finds one non-finite."""
-    device = next(model.parameters()).device
-    model.train()
-    steps = num_images // args.batch_size  # the last partial batch is dropped
-    perm = torch.randperm(num_images, device=device)
-    losses = torch.zeros(steps, device=device)  # read back at log steps only: no sync per step
-    t_epoch = t_log = time.time()
-    for step in range(steps):
-        with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
-            loss = batch_loss(perm[step * args.batch_size:(step + 1) * args.batch_size])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if ema is not None:
-            update_ema(ema, model, args.ema)
-        losses[step] = loss.detach()
-        if (step + 1) % args.log_every and step + 1 < steps:
-            continue
-        seen = losses[:step + 1].cpu()
-        if not seen.isfinite().all():
-            first = int((~seen.isfinite()).nonzero()[0])
-            kept = f"the checkpoint of epoch {epoch - 1} in {args.out} is kept" if epoch > 1 else "no checkpoint was written"
-            raise ValueError(f"the loss became {seen[first].item()} at step {(epoch - 1) * steps + first + 1}; {kept}; "
-                             "try a lower --lr")
-        now = time.time()
-        eta = (now - t_epoch) / (step + 1) * ((args.epochs - epoch + 1) * steps - step - 1)
-        images = ((step + 1) % args.log_every or args.log_every) * args.batch_size
-        print(f"epoch {epoch:3d}/{args.epochs} | step {step + 1:5d}/{steps} | loss {seen[-1].item():.4f} | "
-              f"lr {optimizer.param_groups[0]['lr']:.2e} | {images / (now - t_log):6.0f} img/s | eta {eta / 60:5.1f} min",
-              flush=True)
-        t_log = now
-    return seen.tolist()
-
-
-def save_progress(script, epoch, args, model, optimizer, scheduler, losses, lrs, title, **extra):
-    """After each epoch: loss.csv, loss.png and ckpt.pt, everything a resumed run needs."""
-    steps = len(losses) // epoch
-    with open(os.path.join(args.out, "loss.csv"), "w") as f:
-        f.write("step,epoch,loss,lr\n")
-        f.writelines(f"{i + 1},{i // steps + 1},{v:.6f},{lrs[i // steps]:.6e}\n" for i, v in enumerate(losses))
-    plot_loss(losses, steps, os.path.join(args.out, "loss.png"), title)
-    save_checkpoint(os.path.join(args.out, "ckpt.pt"), {
-        "script": script, "epoch": epoch, "args": vars(args), "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
-        "losses": losses, "lrs": lrs, "rng_cpu": torch.get_rng_state(),
-        "rng_cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None, **extra})
-
-
-def resume(script, args, same_flags, model, optimizer, scheduler=None):
-    """Load the state of args.resume into model, optimizer, scheduler and the random streams."""
-    ckpt = read_checkpoint(args.resume, next(model.parameters()).device, script)
-    for key in same_flags:
-        if ckpt["args"].get(key) != getattr(args, key):
-            flag = "--" + key.replace("_", "-")
-            raise ValueError(f"{args.resume} was trained with {flag} {ckpt['args'].get(key)}, not {getattr(args, key)}: "
-                             f"pass {flag} {ckpt['args'].get(key)} to resume it")
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    if scheduler:
-        scheduler.load_state_dict(ckpt["scheduler"])
-    torch.set_rng_state(ckpt["rng_cpu"].cpu())
-    if ckpt["rng_cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(ckpt["rng_cuda"].cpu())
-    print(f"resumed {args.resume} after epoch {ckpt['epoch']}")
-    return ckpt
-
-
-def benchmark(model, optimizer, batch_loss, num_images, args, make_samples, what, steps=30):
-    """Training images/s over `steps` steps and the seconds make_samples() takes (it makes `what`),
-    both after a warm-up, through the same functions a real run uses."""
-    device = next(model.parameters()).device
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-    args.log_every, args.epochs = 10 ** 9, 1
-    train_epoch(model, optimizer, batch_loss, 5 * args.batch_size, 1, args)
-    sync()
-    t0 = time.time()
-    train_epoch(model, optimizer, batch_loss, min(num_images, steps * args.batch_size), 1, args)
-    sync()
-    train_speed = min(num_images, steps * args.batch_size) // args.batch_size * args.batch_size / (time.time() - t0)
-    make_samples()
-    sync()
-    t0 = time.time()
-    make_samples()
-    sync()
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"{device.type}, {torch.get_num_threads()} threads"
-    print(f"benchmark on {name}: training {train_speed:.0f} images/s (batch {args.batch_size}); "
-          f"{time.time() - t0:.2f} s per {what}")
-
-
-def build(args, device):
-    # channels-last memory suits the convolution kernels of CPUs and GPUs alike
-    model = UNet(args.hidden, 10 if args.cond == "class" else 0).to(device, memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=0.1 ** (1 / args.epochs))  # stepped per epoch
-    return model, optimizer, scheduler
-
-
-def train(args, device):
-    model, optimizer, scheduler = build(args, device)
-    ema = copy.deepcopy(model).requires_grad_(False) if args.ema else None  # sampled from instead of model
-    losses, lrs, start_epoch = [], [], 1
-    if args.resume:
-        ckpt = resume("flow.py", args, ("cond", "hidden", "batch_size", "epochs", "limit", "ema"), model, optimizer, scheduler)
-        losses, lrs, start_epoch = ckpt["losses"], ckpt["lrs"], ckpt["epoch"] + 1
-        if ema:
-            ema.load_state_dict(ckpt["ema"])
-    if args.compile:
-        model.compile()  # fuses BatchNorm, GELU and the rest; the first steps are slow while it compiles
-    x_all, y_all = load_mnist(args.data, device, args.limit)
-    if len(x_all) < args.batch_size:
-        raise ValueError(f"--limit {len(x_all)} is smaller than --batch-size {args.batch_size}: raise --limit")
-
-    def batch_loss(idx):
-        x1 = x_all[idx].unsqueeze(1).float() / 255  # B x 1 x 28 x 28 in [0, 1]
-        return flow_matching_loss(model, x1, y_all[idx] if model.num_classes else None, args.p_uncond)
-
-    if args.benchmark:
-        return benchmark(model, optimizer, batch_loss, len(x_all), args, lambda: sample_grid(model, args),
-                         f"40-digit grid ({args.solver}, {args.steps} steps)")
-    steps = len(x_all) // args.batch_size
-    print(f"{args.cond}-conditioned UNet, {sum(p.numel() for p in model.parameters()):,} parameters, "
-          f"{len(x_all):,} images, {steps} steps per epoch, device {device}")
-    for epoch in range(start_epoch, args.epochs + 1):
-        t_epoch = time.time()
-        lrs.append(optimizer.param_groups[0]["lr"])
-        losses += train_epoch(model, optimizer, batch_loss, len(x_all), epoch, args, ema)
-        scheduler.step()
-        save_progress("flow.py", epoch, args, model, optimizer, scheduler, losses, lrs,
-                      f"flow matching, {args.cond}-conditioned UNet", ema=ema.state_dict() if ema else None)
-        msg = f"epoch {epoch} done in {time.time() - t_epoch:.1f}s, mean loss {sum(losses[-steps:]) / steps:.4f}"
-        if epoch in args.sample_epochs or epoch == args.epochs:
-            t_sample = time.time()
-            frames = [] if args.gif and epoch == args.epochs else None
-            sample_grid(ema or model, args, frames).save(os.path.join(args.out, f"samples_epoch{epoch:02d}.png"))
-            if frames:
-                save_gif(os.path.join(args.out, "sampling.gif"), frames)
-            msg += f"; wrote samples_epoch{epoch:02d}.png in {time.time() - t_sample:.1f}s"
-        print(msg, flush=True)
+    ckpt = read_checkpoint(path, device)
+    model = UNet(ckpt["args"]["hidden"], 10 if ckpt["args"]["cond"] == "class" else 0)
+    try:
+        model.load_state_dict(ckpt.get("ema") or ckpt["model"])  # the averaged weights if trained with --ema
+    except RuntimeError as e:
+        raise ValueError(f"the weights in {path} do not fit the UNet its flags describe") from e
+    return model.to(device).eval()
 
 
 # -----------------------------------------------------------------------------
@@ -448,19 +425,19 @@ def solver_table(model, args, nfes=(10, 20, 50, 100, 300), reference_steps=1000)
     """How far each solver's samples land from a fine Heun solution (2000 network calls) started
     at the same noise, at equal numbers of network calls (NFE): the error of the ODE solve alone."""
     labels = torch.arange(10) if model.num_classes else None  # one sample of each digit
-    reference = sample(model, 10, labels, reference_steps, args.guidance, args.seed, "heun")
-    print(f"mean squared distance to Heun with {reference_steps} steps, guidance {args.guidance}, 10 samples\n"
-          "| NFE | euler | midpoint | heun |\n| ---: | ---: | ---: | ---: |")
+    solve = lambda solver, steps: sample(model, 10, labels, steps, args.guidance, args.seed, solver)
+    reference = solve("heun", reference_steps)
+    print(f"mean squared distance to Heun with {reference_steps} steps, guidance {args.guidance}, 10 samples"
+          "\n| NFE | euler | midpoint | heun |\n| ---: | ---: | ---: | ---: |")
     for nfe in nfes:
-        errors = [F.mse_loss(sample(model, 10, labels, nfe // calls, args.guidance, args.seed, solver), reference).item()
-                  for solver, calls in (("euler", 1), ("midpoint", 2), ("heun", 2))]
+        errors = [F.mse_loss(solve(s, nfe // calls), reference).item()
+                  for s, calls in (("euler", 1), ("midpoint", 2), ("heun", 2))]
         print(f"| {nfe} | " + " | ".join(f"{e:.2e}" for e in errors) + " |", flush=True)
 
 
 def sample_from_checkpoint(args, device):
     ckpt_path = args.ckpt or os.path.join(args.out or f"samples/flow_{args.cond}", "ckpt.pt")
-    ckpt = read_checkpoint(ckpt_path, device)
-    model = model_from_checkpoint(ckpt, ckpt_path).to(device)
+    model = load_checkpoint(ckpt_path, device)
     if args.solver_table:
         return solver_table(model, args)
     args.steps = args.steps or (300 if model.num_classes else 50)
@@ -470,8 +447,8 @@ def sample_from_checkpoint(args, device):
     sample_grid(model, args, frames).save(os.path.join(out, "samples.png"))
     if frames:
         save_gif(os.path.join(out, "sampling.gif"), frames)
-    print(f"wrote {os.path.join(out, 'samples.png')} ({args.solver}, {args.steps} steps, epoch {ckpt['epoch']}) "
-          f"in {time.time() - t_sample:.1f}s")
+    print(f"wrote {os.path.join(out, 'samples.png')} ({args.solver}, {args.steps} steps) in "
+          f"{time.time() - t_sample:.1f}s")
 
 
 def choose_device(name, parser):
@@ -490,8 +467,7 @@ def prepare_out(out, resume):
     """Make the output folder, checking it is writable and holds no run that would be overwritten."""
     try:
         os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, ".write_test"), "w"):
-            pass
+        open(os.path.join(out, ".write_test"), "w").close()
         os.remove(os.path.join(out, ".write_test"))
     except OSError as e:
         raise ValueError(f"cannot write to --out {out} ({e.strerror}): choose another folder") from e
@@ -525,36 +501,43 @@ def epoch_list(text):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Flow matching on MNIST with a time- or class-conditioned UNet.")
+    parser = argparse.ArgumentParser(description="Flow matching on MNIST, time- or class-conditioned.")
+    add = parser.add_argument
     # model and objective
-    parser.add_argument("--cond", choices=["time", "class"], default="class", help="condition on time only, or on time and digit class (default: %(default)s)")
-    parser.add_argument("--hidden", type=positive_int, default=64, metavar="D", help="hidden channels D of the UNet (default: %(default)s)")
-    parser.add_argument("--p-uncond", type=float, default=0.1, help="probability of dropping the class in training, B.3 (default: %(default)s)")
+    add("--cond", choices=["time", "class"], default="class",
+        help="condition on time only, or on time and digit class (default: %(default)s)")
+    add("--hidden", type=positive_int, default=64, metavar="D", help="UNet width D (default: %(default)s)")
+    add("--p-uncond", type=float, default=0.1, help="class dropout in training, B.3 (default: %(default)s)")
     # optimisation
-    parser.add_argument("--epochs", type=positive_int, default=10, metavar="N", help="training epochs (default: %(default)s)")
-    parser.add_argument("--batch-size", type=positive_int, default=64, metavar="N", help="images per training step (default: %(default)s)")
-    parser.add_argument("--lr", type=positive_float, default=1e-2, help="initial Adam learning rate, decayed to a tenth over the run (default: %(default)s)")
-    parser.add_argument("--limit", type=positive_int, default=None, metavar="N", help="train on the first N images only, for quick runs (default: all 60,000)")
-    parser.add_argument("--ema", type=float, default=0.0, metavar="DECAY", help="keep an exponential moving average of the weights with this decay, e.g. 0.999, and sample from it (default: off)")
+    add("--epochs", type=positive_int, default=10, metavar="N", help="training epochs (default: %(default)s)")
+    add("--batch-size", type=positive_int, default=64, metavar="N", help="batch size (default: %(default)s)")
+    add("--lr", type=positive_float, default=1e-2,
+        help="initial Adam learning rate, decayed to a tenth over the run (default: %(default)s)")
+    add("--limit", type=positive_int, metavar="N", help="train on the first N images (default: all 60,000)")
+    add("--ema", type=float, default=0.0, metavar="DECAY",
+        help="sample from a moving average of the weights with this decay, e.g. 0.999 (default: off)")
     # sampling
-    parser.add_argument("--steps", type=positive_int, default=None, metavar="N", help="solver steps (default: 50 for time, 300 for class)")
-    parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance weight gamma, B.4 (default: %(default)s)")
-    parser.add_argument("--solver", choices=["euler", "midpoint", "heun"], default="euler", help="ODE solver; midpoint and heun cost 2 network calls a step (default: %(default)s)")
-    parser.add_argument("--sample-epochs", type=epoch_list, default="1,5,10", help="epochs that get a sample grid; the last always does (default: %(default)s)")
-    parser.add_argument("--gif", action="store_true", help="also write sampling.gif, the trajectory of the last grid (default: off)")
+    add("--steps", type=positive_int, metavar="N", help="solver steps (default: 50 for time, 300 for class)")
+    add("--guidance", type=float, default=5.0, help="guidance weight gamma, B.4 (default: %(default)s)")
+    add("--solver", choices=["euler", "midpoint", "heun"], default="euler",
+        help="ODE solver; midpoint and heun cost 2 network calls a step (default: %(default)s)")
+    add("--sample-epochs", type=epoch_list, default="1,5,10",
+        help="epochs that get a sample grid; the last always does (default: %(default)s)")
+    add("--gif", action="store_true", help="also write sampling.gif, the last grid's path (default: off)")
     # input, output, system
-    parser.add_argument("--data", default="data", help="MNIST root: reads DATA/MNIST/raw, downloads there if missing (default: %(default)s)")
-    parser.add_argument("--out", default=None, help="output folder (default: samples/flow_<cond>)")
-    parser.add_argument("--resume", default=None, metavar="CKPT", help="continue training from this checkpoint (default: start afresh)")
-    parser.add_argument("--sample-only", action="store_true", help="no training: write samples.png from --ckpt (default: off)")
-    parser.add_argument("--solver-table", action="store_true", help="no training: print each solver's error against NFE for --ckpt (default: off)")
-    parser.add_argument("--ckpt", default=None, help="checkpoint for --sample-only and --solver-table (default: OUT/ckpt.pt)")
-    parser.add_argument("--amp", action="store_true", help="bfloat16 autocast for training and sampling (default: off, fp32)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet for training; slow to start (default: off)")
-    parser.add_argument("--benchmark", action="store_true", help="time 30 training steps and one sample grid, then exit (default: off)")
-    parser.add_argument("--log-every", type=positive_int, default=100, metavar="N", help="steps between progress lines (default: %(default)s)")
-    parser.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto", help="auto picks cuda, then mps, then cpu (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=180, help="random seed for training and sampling (default: %(default)s)")
+    add("--data", default="data", help="MNIST root, downloaded if missing (default: %(default)s)")
+    add("--out", help="output folder (default: samples/flow_<cond>)")
+    add("--resume", metavar="CKPT", help="continue training from this checkpoint (default: start afresh)")
+    add("--sample-only", action="store_true", help="no training: samples.png from --ckpt (default: off)")
+    add("--solver-table", action="store_true", help="no training: solvers' errors for --ckpt (default: off)")
+    add("--ckpt", help="checkpoint for --sample-only and --solver-table (default: OUT/ckpt.pt)")
+    add("--amp", action="store_true", help="bfloat16 autocast for training and sampling (default: off, fp32)")
+    add("--compile", action="store_true", help="torch.compile the UNet; slow to start (default: off)")
+    add("--benchmark", action="store_true", help="time 30 training steps and a grid, exit (default: off)")
+    add("--log-every", type=positive_int, default=100, help="steps between log lines (default: %(default)s)")
+    add("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto",
+        help="auto picks cuda, then mps, then cpu (default: %(default)s)")
+    add("--seed", type=int, default=180, help="random seed for training and sampling (default: %(default)s)")
     args = parser.parse_args(argv)
     if not 0 <= args.p_uncond <= 1:
         parser.error(f"--p-uncond must lie in [0, 1], got {args.p_uncond}")
