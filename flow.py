@@ -18,6 +18,7 @@ CPU in fp32, 40 min with --amp (bfloat16); python flow.py --benchmark measures y
 """
 import argparse
 import copy
+import itertools
 import math
 import os
 import sys
@@ -328,6 +329,22 @@ def sample_grid(model, args, path=None):
     return grid_image(x)
 
 
+def sweep_figure(model, args):
+    """One row of ten digits (class: 0 to 9) for each solver, steps and guidance listed, all from the
+    same starting noise, so that rows differ only by those settings."""
+    labels, rows = torch.arange(10) if model.num_classes else None, []
+    for solver, steps, guidance in itertools.product(args.solver, args.steps, args.guidance):
+        with torch.autocast(next(model.parameters()).device.type, torch.bfloat16, enabled=args.amp):
+            x = sample(model, 10, labels, steps, guidance, args.seed, solver)
+        name = f"{solver}, {steps} steps" + (f", gamma {guidance}" if labels is not None else "")
+        rows.append((grid_image(x), name))
+    img, draw = canvas(210 + rows[0][0].width, len(rows) * rows[0][0].height)
+    for i, (row, label) in enumerate(rows):
+        img.paste(row, (210, i * row.height))
+        draw.text((200, (i + 0.5) * row.height), label, fill="black", anchor="rm")
+    return img
+
+
 def save_gif(path, frames, num_frames=40):
     """The sampling trajectory as an animated GIF: num_frames evenly spaced steps, then a pause.
     16 grey levels keep the noisy early frames compressible (about 600 KB instead of 2.6 MB)."""
@@ -380,6 +397,11 @@ def save_progress(epoch, args, model, optimizer, scheduler, losses, lrs, ema=Non
                      for i, v in enumerate(losses))
     title = f"flow matching, {args.cond}-conditioned UNet"
     plot_loss(losses, steps, os.path.join(args.out, "loss.png"), title)
+    if epoch == args.epochs:  # the sampling weights alone, in half precision: what samples/ ships
+        state = (ema or model).state_dict()
+        weights = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+        save_checkpoint(os.path.join(args.out, "model.pt"),
+                        {"script": SCRIPT, "epoch": epoch, "args": vars(args), "model": weights})
     save_checkpoint(os.path.join(args.out, "ckpt.pt"), {
         "script": SCRIPT, "epoch": epoch, "args": vars(args), "model": model.state_dict(),
         "ema": ema.state_dict() if ema else None, "optimizer": optimizer.state_dict(),
@@ -418,37 +440,126 @@ def load_checkpoint(path, device="cpu"):
 
 
 # -----------------------------------------------------------------------------
+# sample quality, measured: a small MNIST classifier's verdict on the samples (SPEC.md)
+
+
+def make_classifier():
+    """A small CNN for digits; all but its last layer give the 128 features the FD compares."""
+    return nn.Sequential(nn.Conv2d(1, 32, 3, 1, 1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),  # 14 x 14
+                         nn.Conv2d(32, 64, 3, 1, 1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),  # 7 x 7
+                         nn.Flatten(), nn.Linear(64 * 7 * 7, 128), nn.ReLU(), nn.Linear(128, 10))
+
+
+def load_classifier(root, device, epochs=3, batch_size=128):
+    """The classifier cached in root, trained there on first use (seed 0, Adam 1e-3 decayed to 0)."""
+    path = os.path.join(root, "mnist_classifier.pt")
+    torch.manual_seed(0)
+    classifier = make_classifier().to(device)
+    if os.path.exists(path):
+        classifier.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+        return classifier.eval()
+    (x_all, y_all), (x_test, y_test) = load_mnist(root, device), load_mnist(root, device, train=False)
+    t0, steps = time.time(), len(x_all) // batch_size
+    optimizer = torch.optim.Adam(classifier.train().parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, 0.0, epochs * steps)  # to 0, a bit a step
+    for epoch in range(epochs):
+        perm = torch.randperm(len(x_all), device=device)
+        for step in range(steps):
+            idx = perm[step * batch_size:(step + 1) * batch_size]
+            loss = F.cross_entropy(classifier(x_all[idx].unsqueeze(1) / 255), y_all[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            if (step + 1) % 100 == 0:
+                print(f"\rtraining the classifier once, for {path}: epoch {epoch + 1}/{epochs}, "
+                      f"step {step + 1}/{steps}, {time.time() - t0:.0f}s", end="", flush=True)
+    predicted = classify(classifier.eval(), x_test.unsqueeze(1) / 255)[0].argmax(1)
+    accuracy = (predicted == y_test).float().mean().item()
+    print(f"; test accuracy {accuracy:.4f}")
+    if accuracy < 0.99:
+        raise ValueError(f"the classifier reached only {accuracy:.4f} test accuracy, too little to judge by")
+    torch.save(classifier.state_dict(), path)
+    return classifier.eval()
+
+
+@torch.inference_mode()
+def classify(classifier, x, batch_size=1000):
+    """Class probabilities (N x 10) and penultimate features (N x 128) of digits x in [0, 1]."""
+    features = torch.cat([classifier[:-1](b.float()) for b in x.split(batch_size)])
+    return classifier[-1](features).softmax(1), features
+
+
+def score(classifier, x, labels=None):
+    """With labels, the fraction of x recognised as the digit asked for; without, the entropy of the
+    predicted digits (ln 10 = 2.303 when all ten come equally often). Also the mean confidence, and
+    the features for the FD."""
+    probs, features = classify(classifier, x.clamp(0, 1))
+    predicted = probs.argmax(1)
+    if labels is not None:
+        return (predicted == labels).float().mean().item(), probs.max(1).values.mean().item(), features
+    p = torch.bincount(predicted, minlength=10) / len(x)
+    return -(p * p.log()).nansum().item(), probs.max(1).values.mean().item(), features
+
+
+def frechet_distance(a, b):
+    """Frechet distance of Gaussians fitted to feature sets a and b (N x d), in float64:
+    |mu_a - mu_b|^2 + tr(S_a) + tr(S_b) - 2 tr((S_a^1/2 S_b S_a^1/2)^1/2)."""
+    def sqrtm(m):  # of a symmetric positive semi-definite matrix, by its eigendecomposition
+        w, v = torch.linalg.eigh(m)
+        return v @ torch.diag(w.clamp(min=0).sqrt()) @ v.T
+
+    a, b = a.double(), b.double()
+    s_a, s_b = torch.cov(a.T), torch.cov(b.T)
+    root = sqrtm(s_a)
+    return ((a.mean(0) - b.mean(0)).square().sum() + s_a.trace() + s_b.trace()
+            - 2 * sqrtm(root @ s_b @ root).trace()).item()
+
+
+def evaluate(model, args, device, chunk=500):
+    """Print SPEC.md's scores of args.evaluate samples for each solver, steps and guidance listed."""
+    classifier, n = load_classifier(args.data, device), args.evaluate
+    digits = lambda limit, train: load_mnist(args.data, device, limit, train)[0].unsqueeze(1) / 255
+    real = classify(classifier, digits(None, False))[1]  # the 10,000 test digits
+    floor = frechet_distance(classify(classifier, digits(n, True))[1], real)  # n real train digits
+    labels = torch.arange(n, device=device) % 10 if model.num_classes else None  # n/10 of each digit
+    measure = "accuracy" if model.num_classes else "entropy"
+    print(f"{n} samples, seed {args.seed}; FD to the 10,000 test digits; floor: FD of {n} train digits\n"
+          f"| solver | steps | NFE | guidance | {measure} | confidence | FD | floor | s |\n|" + " ---: |" * 9)
+    guidances = args.guidance if model.num_classes else ["-"]
+    for solver, steps, guidance in itertools.product(args.solver, args.steps, guidances):
+        t0 = time.time()
+        with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):  # in chunks, to bound memory
+            x = torch.cat([sample(model, min(chunk, n - i), None if labels is None else labels[i:i + chunk],
+                                  steps, guidance, args.seed + i, solver) for i in range(0, n, chunk)])
+        value, confidence, features = score(classifier, x, labels)
+        nfe = steps * (1 if solver == "euler" else 2)
+        print(f"| {solver} | {steps} | {nfe} | {guidance} | {value:.4f} | {confidence:.4f} | "
+              f"{frechet_distance(features, real):.2f} | {floor:.2f} | {time.time() - t0:.0f} |", flush=True)
+
+
+# -----------------------------------------------------------------------------
 # main
 
 
-def solver_table(model, args, nfes=(10, 20, 50, 100, 300), reference_steps=1000):
-    """How far each solver's samples land from a fine Heun solution (2000 network calls) started
-    at the same noise, at equal numbers of network calls (NFE): the error of the ODE solve alone."""
-    labels = torch.arange(10) if model.num_classes else None  # one sample of each digit
-    solve = lambda solver, steps: sample(model, 10, labels, steps, args.guidance, args.seed, solver)
-    reference = solve("heun", reference_steps)
-    print(f"mean squared distance to Heun with {reference_steps} steps, guidance {args.guidance}, 10 samples"
-          "\n| NFE | euler | midpoint | heun |\n| ---: | ---: | ---: | ---: |")
-    for nfe in nfes:
-        errors = [F.mse_loss(solve(s, nfe // calls), reference).item()
-                  for s, calls in (("euler", 1), ("midpoint", 2), ("heun", 2))]
-        print(f"| {nfe} | " + " | ".join(f"{e:.2e}" for e in errors) + " |", flush=True)
-
-
-def sample_from_checkpoint(args, device):
+def from_checkpoint(args, device):
+    """The modes that need no training: --evaluate and --sample-only."""
     ckpt_path = args.ckpt or os.path.join(args.out or f"samples/flow_{args.cond}", "ckpt.pt")
     model = load_checkpoint(ckpt_path, device)
-    if args.solver_table:
-        return solver_table(model, args)
-    args.steps = args.steps or (300 if model.num_classes else 50)
+    args.steps = args.steps or [300 if model.num_classes else 50]
+    if args.evaluate:
+        return evaluate(model, args, device)
     out = args.out or os.path.dirname(ckpt_path) or "."
     prepare_out(out, resume=True)
     t_sample, frames = time.time(), [] if args.gif else None
-    sample_grid(model, args, frames).save(os.path.join(out, "samples.png"))
+    if len(args.solver) * len(args.steps) * len(args.guidance) > 1:
+        sweep_figure(model, args).save(os.path.join(out, "samples.png"))
+    else:
+        args.solver, args.steps, args.guidance = args.solver[0], args.steps[0], args.guidance[0]
+        sample_grid(model, args, frames).save(os.path.join(out, "samples.png"))
     if frames:
         save_gif(os.path.join(out, "sampling.gif"), frames)
-    print(f"wrote {os.path.join(out, 'samples.png')} ({args.solver}, {args.steps} steps) in "
-          f"{time.time() - t_sample:.1f}s")
+    print(f"wrote {os.path.join(out, 'samples.png')} in {time.time() - t_sample:.1f}s")
 
 
 def choose_device(name, parser):
@@ -492,12 +603,20 @@ def positive_float(text):
     return value
 
 
-def epoch_list(text):
-    """'1,5,10' -> [1, 5, 10]"""
-    try:
-        return sorted({int(e) for e in text.split(",") if e.strip()})
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated epoch numbers, got {text!r}") from None
+def number_list(kind):
+    """An argparse type: '1,5,10' -> [1, 5, 10], each value checked by kind (int, float, a validator)."""
+    def parse(text):
+        try:
+            return [kind(v) for v in text.split(",")]
+        except (ValueError, argparse.ArgumentTypeError):
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, got {text!r}")
+    return parse
+
+
+def solver(name):
+    if name not in ("euler", "midpoint", "heun"):
+        raise ValueError(name)
+    return name
 
 
 def main(argv=None):
@@ -517,11 +636,11 @@ def main(argv=None):
     add("--ema", type=float, default=0.0, metavar="DECAY",
         help="sample from a moving average of the weights with this decay, e.g. 0.999 (default: off)")
     # sampling
-    add("--steps", type=positive_int, metavar="N", help="solver steps (default: 50 for time, 300 for class)")
-    add("--guidance", type=float, default=5.0, help="guidance weight gamma, B.4 (default: %(default)s)")
-    add("--solver", choices=["euler", "midpoint", "heun"], default="euler",
-        help="ODE solver; midpoint and heun cost 2 network calls a step (default: %(default)s)")
-    add("--sample-epochs", type=epoch_list, default="1,5,10",
+    add("--steps", type=number_list(positive_int), metavar="N", help="solver steps (default: 50; class 300)")
+    add("--guidance", type=number_list(float), default=[5.0], help="guidance gamma, B.4 (default: 5.0)")
+    add("--solver", type=number_list(solver), default=["euler"],
+        help="euler, midpoint or heun; the last two cost 2 network calls a step (default: euler)")
+    add("--sample-epochs", type=number_list(positive_int), default="1,5,10",
         help="epochs that get a sample grid; the last always does (default: %(default)s)")
     add("--gif", action="store_true", help="also write sampling.gif, the last grid's path (default: off)")
     # input, output, system
@@ -529,8 +648,8 @@ def main(argv=None):
     add("--out", help="output folder (default: samples/flow_<cond>)")
     add("--resume", metavar="CKPT", help="continue training from this checkpoint (default: start afresh)")
     add("--sample-only", action="store_true", help="no training: samples.png from --ckpt (default: off)")
-    add("--solver-table", action="store_true", help="no training: solvers' errors for --ckpt (default: off)")
-    add("--ckpt", help="checkpoint for --sample-only and --solver-table (default: OUT/ckpt.pt)")
+    add("--evaluate", type=positive_int, metavar="N", help="no training: score N samples (default: off)")
+    add("--ckpt", help="checkpoint (or model.pt) to sample or score (default: OUT/ckpt.pt)")
     add("--amp", action="store_true", help="bfloat16 autocast for training and sampling (default: off, fp32)")
     add("--compile", action="store_true", help="torch.compile the UNet; slow to start (default: off)")
     add("--benchmark", action="store_true", help="time 30 training steps and a grid, exit (default: off)")
@@ -541,13 +660,17 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not 0 <= args.p_uncond <= 1:
         parser.error(f"--p-uncond must lie in [0, 1], got {args.p_uncond}")
+    sweep = len(args.solver) * len(args.steps or [0]) * len(args.guidance) > 1
+    if sweep and not (args.sample_only or args.evaluate):
+        parser.error("lists of --solver, --steps or --guidance are for --sample-only and --evaluate")
 
     device = choose_device(args.device, parser)
     torch.manual_seed(args.seed)
     try:
-        if args.sample_only or args.solver_table:
-            return sample_from_checkpoint(args, device)
-        args.steps = args.steps or (300 if args.cond == "class" else 50)
+        if args.sample_only or args.evaluate:
+            return from_checkpoint(args, device)
+        args.solver, args.guidance = args.solver[0], args.guidance[0]
+        args.steps = args.steps[0] if args.steps else 300 if args.cond == "class" else 50
         args.out = args.out or f"samples/flow_{args.cond}"
         if not args.benchmark:
             prepare_out(args.out, args.resume)

@@ -245,7 +245,7 @@ def test_tiny_run_writes_every_output(mnist, tmp_path):
     rows = list(csv.DictReader(open(os.path.join(out, "loss.csv"))))
     assert len(rows) == 3 * 4 and [int(r["epoch"]) for r in rows[::4]] == [1, 2, 3]
     assert all(float(r["loss"]) > 0 for r in rows)
-    assert sorted(os.listdir(out)) == ["ckpt.pt", "loss.csv", "loss.png", "samples_epoch02.png",
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "loss.csv", "loss.png", "model.pt", "samples_epoch02.png",
                                        "samples_epoch03.png", "sampling.gif"]
     grid = Image.open(os.path.join(out, "samples_epoch03.png"))
     assert grid.size == (2 * (10 * 30 + 2), 2 * (4 * 30 + 2))  # 4 rows of 10 digits, enlarged 2x
@@ -277,17 +277,92 @@ def test_ema_run_samples_from_the_averaged_weights(mnist, tmp_path):
     assert torch.equal(flow.load_checkpoint(os.path.join(out, "ckpt.pt")).state_dict()[name], ckpt["ema"][name])
 
 
-def test_solver_table_prints_every_solver_and_nfe(mnist, tmp_path, capsys, monkeypatch):
+# --- sample quality: the classifier's scores and the Frechet distance -----------------------
+
+
+def test_frechet_distance_is_zero_for_one_set_and_exact_for_known_gaussians():
+    torch.manual_seed(0)
+    a = torch.randn(500, 6)
+    assert abs(flow.frechet_distance(a, a)) < 1e-8
+    # two sets whitened to mean 0 and covariance I exactly, then shifted and scaled per axis:
+    # FD = |mu_a - mu_b|^2 + sum_i (sqrt(var_a,i) - sqrt(var_b,i))^2 for diagonal covariances
+    white = [torch.linalg.solve_triangular(torch.linalg.cholesky(torch.cov(z.T)), (z - z.mean(0)).T, upper=False).T
+             for z in (torch.randn(400, 3).double(), torch.randn(700, 3).double())]
+    mu_a, mu_b = torch.tensor([1.0, 0.0, -2.0]), torch.tensor([0.0, 0.5, -2.0])
+    sd_a, sd_b = torch.tensor([1.0, 2.0, 0.5]), torch.tensor([3.0, 2.0, 1.5])
+    expected = (mu_a - mu_b).square().sum() + (sd_a - sd_b).square().sum()  # 1.25 + 4 + 0 + 1
+    got = flow.frechet_distance(white[0] * sd_a.double() + mu_a.double(), white[1] * sd_b.double() + mu_b.double())
+    assert got == pytest.approx(expected.item(), rel=1e-6)
+
+
+def pixel_classifier():
+    """A stand-in for the MNIST classifier: it predicts digit k when pixel k of the top row is the brightest."""
+    last = torch.nn.Linear(28, 10, bias=False)
+    with torch.no_grad():
+        last.weight.copy_(100 * torch.eye(10, 28))
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Unflatten(1, (28, 28)), Row0(), last)
+
+
+class Row0(torch.nn.Module):
+    def forward(self, x):
+        return x[:, 0]  # N x 28 x 28 -> the top row, N x 28
+
+
+def test_score_counts_the_digits_recognised_as_asked():
+    x = torch.zeros(10, 1, 28, 28)
+    x[torch.arange(10), 0, 0, torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 0, 0])] = 1  # the last two look like 0
+    accuracy, confidence, features = flow.score(pixel_classifier(), x, torch.arange(10))
+    assert accuracy == pytest.approx(0.8) and confidence > 0.99 and features.shape == (10, 28)
+    entropy, _, _ = flow.score(pixel_classifier(), x)  # 0 three times, 1-7 once each
+    p = torch.tensor([0.3] + [0.1] * 7)
+    assert entropy == pytest.approx(-(p * p.log()).sum().item(), rel=1e-6)
+
+
+def test_evaluate_prints_one_row_per_setting(mnist, tmp_path, capsys, monkeypatch):
     out = str(tmp_path / "run")
-    run_flow(*tiny_flow_args(mnist, out, "--epochs", 1, "--cond", "time"))
+    run_flow(*tiny_flow_args(mnist, out, "--epochs", 1))
+    monkeypatch.setattr(flow, "load_classifier", lambda root, device: pixel_classifier())
     capsys.readouterr()
-    monkeypatch.setattr(flow.solver_table, "__defaults__", ((2, 4), 8))  # NFE 2 and 4, reference 8 steps
-    run_flow("--solver-table", "--ckpt", os.path.join(out, "ckpt.pt"))
+    run_flow("--evaluate", 20, "--ckpt", os.path.join(out, "model.pt"), "--data", mnist,
+             "--solver", "euler,midpoint", "--steps", "1,2", "--guidance", 3)
     lines = capsys.readouterr().out.splitlines()
-    assert lines[1] == "| NFE | euler | midpoint | heun |"
-    errors = [[float(v) for v in line.strip("| ").split(" | ")[1:]] for line in lines[3:]]
-    assert len(errors) == 2 and all(e >= 0 for row in errors for e in row)
-    assert errors[1][2] < errors[0][2]  # more network calls, closer to the reference
+    assert "| accuracy | confidence | FD | floor |" in lines[1]
+    rows = [line.strip("| ").split(" | ") for line in lines[3:]]
+    assert [(r[0], r[1], r[2], r[3]) for r in rows] == [("euler", "1", "1", "3.0"), ("euler", "2", "2", "3.0"),
+                                                        ("midpoint", "1", "2", "3.0"), ("midpoint", "2", "4", "3.0")]
+    assert all(0 <= float(r[4]) <= 1 and float(r[6]) >= 0 for r in rows)
+    capsys.readouterr()
+    run_flow("--evaluate", 20, "--ckpt", os.path.join(out, "model.pt"), "--data", mnist, "--steps", 2)
+    assert len(capsys.readouterr().out.splitlines()) == 4  # the same seed: the same samples, one row
+
+
+def test_sample_only_sweep_writes_one_row_per_value(mnist, tmp_path):
+    out = str(tmp_path / "run")
+    run_flow(*tiny_flow_args(mnist, out, "--epochs", 1))
+    run_flow("--sample-only", "--ckpt", os.path.join(out, "ckpt.pt"), "--steps", 2, "--guidance", "0,1,5")
+    figure = Image.open(os.path.join(out, "samples.png"))
+    assert figure.height == 3 * 2 * 32  # three rows of 28-pixel digits with their 2-pixel border, enlarged 2x
+
+
+def test_model_pt_holds_half_precision_weights_that_load_as_the_model(mnist, tmp_path):
+    out = str(tmp_path / "run")
+    run_flow(*tiny_flow_args(mnist, out, "--epochs", 1))
+    weights = torch.load(os.path.join(out, "model.pt"), weights_only=True)
+    assert set(weights) == {"script", "epoch", "args", "model"} and weights["epoch"] == 1
+    assert all(v.dtype == torch.float16 for v in weights["model"].values() if v.is_floating_point())
+    full = flow.load_checkpoint(os.path.join(out, "ckpt.pt")).state_dict()
+    half = flow.load_checkpoint(os.path.join(out, "model.pt")).state_dict()
+    for name in full:
+        assert half[name].dtype == full[name].dtype and torch.allclose(half[name], full[name], rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("value", ["1,,x", "fast", ""])
+def test_bad_lists_are_refused(capsys, value):
+    assert "comma-separated" in flow_error(capsys, "--sample-only", "--guidance", value)
+
+
+def test_lists_are_refused_for_training(capsys):
+    assert "--sample-only and --evaluate" in flow_error(capsys, "--steps", "10,20")
 
 
 def test_resume_reproduces_an_uninterrupted_run(mnist, tmp_path, monkeypatch):
