@@ -437,7 +437,7 @@ def load_checkpoint(path, device="cpu"):
         model.load_state_dict(ckpt.get("ema") or ckpt["model"])  # the averaged weights if trained with --ema
     except RuntimeError as e:
         raise ValueError(f"the weights in {path} do not fit the UNet its flags describe") from e
-    return model.to(device).eval()
+    return model.to(device, memory_format=torch.channels_last).eval()  # faster convolutions, as in training
 
 
 # -----------------------------------------------------------------------------
