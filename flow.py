@@ -462,7 +462,7 @@ def load_classifier(root, device, epochs=3, batch_size=128):
     (x_all, y_all), (x_test, y_test) = load_mnist(root, device), load_mnist(root, device, train=False)
     t0, steps = time.time(), len(x_all) // batch_size
     optimizer = torch.optim.Adam(classifier.train().parameters(), lr=1e-3)
-    scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, 0.0, epochs * steps)  # to 0, a bit a step
+    scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, 0.0, epochs * steps)  # linearly down to 0
     for epoch in range(epochs):
         perm = torch.randperm(len(x_all), device=device)
         for step in range(steps):
