@@ -31,8 +31,7 @@ from PIL import Image, ImageDraw, ImageFont
 SCRIPT = "denoise.py"  # written into every checkpoint; read_checkpoint accepts only its own
 SIGMAS = [0.0, 0.2, 0.4, 0.5, 0.6, 0.8, 1.0]  # the noise levels of the figures (B.2)
 
-# -----------------------------------------------------------------------------
-# building blocks (the assignment's standard UNet operations)
+# --- building blocks (the assignment's standard UNet operations) -------------
 
 
 def bn_gelu(layer):
@@ -55,8 +54,7 @@ class UpBlock(nn.Sequential):  # i x H x W -> o x 2H x 2W
         super().__init__(bn_gelu(nn.ConvTranspose2d(i, o, 4, 2, 1)), ConvBlock(o, o))
 
 
-# -----------------------------------------------------------------------------
-# the unconditional UNet
+# --- the unconditional UNet --------------------------------------------------
 
 
 class UNet(nn.Module):
@@ -84,8 +82,7 @@ class UNet(nn.Module):
         return self.conv_out(torch.cat([e0, h2], 1))  # 1 x 28 x 28
 
 
-# -----------------------------------------------------------------------------
-# data, noising, the loss (B.1) and evaluation
+# --- data, noising, the loss (B.1) and evaluation ----------------------------
 
 
 def load_mnist(root, device, limit=None, train=True):
@@ -130,8 +127,7 @@ def psnr(mse):
     return 10 * math.log10(1 / mse) if mse > 0 else float("inf")  # pixels in [0, 1]
 
 
-# -----------------------------------------------------------------------------
-# training
+# --- training ----------------------------------------------------------------
 
 
 def train_epoch(model, optimizer, x_all, epoch, args):
@@ -216,8 +212,7 @@ def train(args, device):
         print(msg, flush=True)
 
 
-# -----------------------------------------------------------------------------
-# outputs: figures, the loss curve, checkpoints
+# --- outputs: figures, the loss curve, checkpoints ---------------------------
 
 
 def grid_image(x, nrow=10, scale=2):
@@ -333,8 +328,7 @@ def read_checkpoint(path, device="cpu"):
     return ckpt
 
 
-# -----------------------------------------------------------------------------
-# main
+# --- main --------------------------------------------------------------------
 
 
 def main(argv=None):
