@@ -592,7 +592,7 @@ def main(argv=None):
     # optimisation
     add("--epochs", type=positive(int), default=10, metavar="N", help="epochs (default: %(default)s)")
     add("--batch-size", type=positive(int), default=64, metavar="N", help="batch size (default: %(default)s)")
-    add("--lr", type=positive(float), default=0.01, help="Adam's, decayed to a tenth (default: 0.01)")
+    add("--lr", type=positive(float), default=0.01, help="Adam learning rate, falls to 1/10 (default: 0.01)")
     add("--limit", type=positive(int), metavar="N", help="train on the first N images (default: all 60,000)")
     add("--ema", type=float, default=0, metavar="DECAY", help="sample from an EMA, e.g. 0.999 (default: off)")
     # sampling
