@@ -5,14 +5,16 @@ A UNet u_theta(x_t, t, c) learns the velocity of straight paths from Gaussian no
 digits x1: x_t = (1 - t) x0 + t x1 moves at u = x1 - x0 (B.3, B.4), so training is plain
 regression (B.5). Sampling integrates dx/dt = u_theta from t = 0 (noise) to t = 1 (a digit)
 with Euler steps; with classes, classifier-free guidance mixes the conditional and
-unconditional velocities. Architecture, algorithms and defaults follow the course assignment.
+unconditional velocities. Architecture, algorithms and defaults follow the course assignment;
+--method ddpm trains DDPM, the assignment's optional extension, on the same UNet to compare.
 
     python flow.py --cond class --epochs 10        # class-conditioned, 4 of each digit
     python flow.py --cond time --epochs 10         # time-only, 40 unconditional digits
     python flow.py --sample-only --ckpt samples/flow_class/model.pt --guidance 0,1,5   # a row per gamma
     python flow.py --evaluate 1000 --ckpt samples/flow_class/model.pt --solver midpoint --steps 50
+    python flow.py --method ddpm --cond class      # DDPM: 20 epochs, ancestral sampler (or --solver ddim)
 
-Outputs, in --out (default samples/flow_<cond>), rewritten after every epoch: loss.csv, loss.png,
+Outputs, in --out (default samples/<method>_<cond>), rewritten after every epoch: loss.csv, loss.png,
 samples_epochNN.png, ckpt.pt (--resume it after a crash), and model.pt at the end. 10 class epochs
 take 103 min on a 2-core Xeon in fp32, 40 with --amp; python flow.py --benchmark measures yours.
 """
@@ -65,12 +67,13 @@ class FCBlock(nn.Sequential):  # embeds the conditioning signal t or c
 
 class UNet(nn.Module):
     """u_theta(x_t, t, c). num_classes=0 conditions on time only; num_classes=10 adds the
-    digit class as a one-hot c, where c = 0 means "no class" (for classifier-free guidance)."""
+    digit class as a one-hot c, where c = 0 means "no class" (for classifier-free guidance).
+    method says what the output is: the velocity ("flow") or the noise in x_t ("ddpm")."""
 
-    def __init__(self, hidden=64, num_classes=0):
+    def __init__(self, hidden=64, num_classes=0, method="flow"):
         super().__init__()
         D = hidden
-        self.num_classes = num_classes
+        self.num_classes, self.method = num_classes, method
         self.conv_in = ConvBlock(1, D)
         self.down1 = DownBlock(D, D)
         self.down2 = DownBlock(D, 2 * D)
@@ -101,56 +104,107 @@ class UNet(nn.Module):
         return self.conv_out(torch.cat([e0, h2], 1))  # 1 x 28 x 28
 
 
-# --- flow matching: the loss (Algorithms B.1 and B.3) and the sampler (B.2 and B.4) ---
+# --- flow matching: the loss (Algorithms B.1 and B.3) and the solver steps (B.2 and B.4) ---
+
+
+def class_input(model, labels, p_uncond):
+    """Training's one-hot classes, each dropped to c = 0 with probability p_uncond (B.3); None without."""
+    if labels is None:
+        return None
+    keep = torch.rand(len(labels), 1, device=labels.device) >= p_uncond
+    return F.one_hot(labels, model.num_classes).float() * keep
 
 
 def flow_matching_loss(model, x1, labels=None, p_uncond=0.1):
     """Mean squared error between u_theta(x_t, t, c) and the path's velocity x1 - x0 (B.5)."""
-    B = x1.shape[0]
     x0 = torch.randn_like(x1)
-    t = torch.rand(B, 1, device=x1.device)
+    t = torch.rand(x1.shape[0], 1, device=x1.device)
     x_t = (1 - t[:, :, None, None]) * x0 + t[:, :, None, None] * x1  # B.3
-    c = None
-    if labels is not None:  # B.3: drop the class (c = 0) with probability p_uncond
-        keep = torch.rand(B, 1, device=x1.device) >= p_uncond
-        c = F.one_hot(labels, model.num_classes).float() * keep
-    return F.mse_loss(model(x_t, t, c), x1 - x0)
+    return F.mse_loss(model(x_t, t, class_input(model, labels, p_uncond)), x1 - x0)
+
+
+def flow_step(predict, x, i, steps, solver, generator=None):
+    """One step of dx/dt = u_theta(x, t) from t = i / steps to (i + 1) / steps."""
+    t, dt = i / steps, 1 / steps
+    if solver == "euler":  # B.2, B.4
+        return x + dt * predict(x, t)
+    return x + dt * predict(x + dt / 2 * predict(x, t), t + dt / 2)  # midpoint: the slope at half a step
+
+
+# --- DDPM on the same UNet: the assignment's optional extension (SPEC.md) ---
+# DDPM runs the other way: x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps holds noise at t = T and the digit x0 at
+# t = 0, where flow matching has x_t = (1 - t) x0 + t x1 with noise x0 at t = 0 and the digit x1 at t = 1.
+# Both mix noise and data affinely; DDPM's mix is not straight, and its UNet predicts eps, not a velocity.
+
+T = 300  # DDPM's noise levels t = 1..T; the UNet sees t / T
+
+
+def alpha_bar(device="cpu"):
+    """a_t = prod_{s <= t} (1 - beta_s) for t = 0..T, betas evenly spaced from 1e-4 to 0.02; a_0 = 1."""
+    betas = torch.linspace(1e-4, 0.02, T, device=device)
+    return torch.cat([torch.ones(1, device=device), torch.cumprod(1 - betas, 0)])
+
+
+def ddpm_loss(model, x0, labels=None, p_uncond=0.1):
+    """Mean squared error between eps_theta(x_t, t / T, c) and the noise eps that made x_t."""
+    eps = torch.randn_like(x0)
+    t = torch.randint(1, T + 1, (x0.shape[0], 1), device=x0.device)
+    a = alpha_bar(x0.device)[t][:, :, None, None]
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    return F.mse_loss(model(x_t, t / T, class_input(model, labels, p_uncond)), eps)
+
+
+def ddpm_step(predict, x, i, steps, solver, generator):
+    """One step from t down to s, through T, T - T/steps, ..., 0: ddpm draws x_s from the posterior
+    given x0_hat (the ancestral sampler, noise sqrt(beta) z); ddim puts x0_hat and eps back together at s."""
+    if steps > T:
+        raise ValueError(f"a DDPM model has {T} noise levels: use --steps {T} or fewer")
+    t, s = round(T * (steps - i) / steps), round(T * (steps - i - 1) / steps)
+    a = alpha_bar(x.device)
+    eps = predict(x, t / T)
+    x0_hat = (x - (1 - a[t]).sqrt() * eps) / a[t].sqrt()
+    if solver == "ddim":
+        return a[s].sqrt() * x0_hat + (1 - a[s]).sqrt() * eps
+    beta = 1 - a[t] / a[s]  # beta_t itself when s = t - 1, as with the default 300 steps
+    z = torch.randn(x.shape, device=x.device, generator=generator) if s > 0 else 0
+    return (a[s].sqrt() * beta * x0_hat + (1 - beta).sqrt() * (1 - a[s]) * x) / (1 - a[t]) + beta.sqrt() * z
+
+
+# --- sampling: either method, with classifier-free guidance ---
+
+SOLVERS = {"flow": ["euler", "midpoint"], "ddpm": ["ddpm", "ddim"]}  # the first is the default
 
 
 @torch.inference_mode()
-def sample(model, num_samples, labels=None, steps=50, guidance=5.0, seed=0, solver="euler", path=None):
-    """Integrate dx/dt = u_theta(x, t) from noise at t = 0 to digits at t = 1 in `steps` steps.
-    labels (a LongTensor of digits) turns on classifier-free guidance with weight `guidance`.
-    euler is the assignment's B.2/B.4 (1 network call a step); midpoint is second-order (2 calls a
-    step). `path`, if a list, receives x at every step, on the CPU. Returns num_samples x 1 x 28 x 28."""
+def sample(model, num_samples, labels=None, steps=50, guidance=5.0, seed=0, solver=None, path=None):
+    """num_samples digits from noise in `steps` steps of `solver`: euler (1 network call a step) or midpoint
+    (2) for a flow model, ddpm or ddim (1) for a DDPM model. labels (a LongTensor of digits) turns on
+    classifier-free guidance of weight `guidance`. `path`, if a list, receives x at every step, on the CPU."""
+    known = SOLVERS[model.method]
+    solver = solver or known[0]
+    if solver not in known:
+        raise ValueError(f"a {model.method} model samples with {' or '.join(known)}, not {solver}")
     was_training = model.training
     model.eval()  # BatchNorm uses its running statistics
     device = next(model.parameters()).device
     # a generator of its own, so sampling never shifts the training run's random stream
     generator = torch.Generator(device).manual_seed(seed)
     x = torch.randn(num_samples, 1, 28, 28, device=device, generator=generator)
-    if labels is not None:  # cond and uncond halves of one batch: one network call per velocity
+    if labels is not None:  # cond and uncond halves of one batch: one network call per prediction
         c = F.one_hot(labels.to(device), model.num_classes).float()
         c = torch.cat([c, torch.zeros_like(c)])
 
-    def velocity(x, t):
+    def predict(x, t):  # the velocity or the noise, guided: u_uncond + gamma (u_cond - u_uncond), B.4
         t = torch.full((x.shape[0], 1), t, device=device)
         if labels is None:
             return model(x, t).float()
         u_cond, u_uncond = model(torch.cat([x, x]), torch.cat([t, t]), c).float().chunk(2)  # fp32 under --amp
-        return u_uncond + guidance * (u_cond - u_uncond)  # B.4
+        return u_uncond + guidance * (u_cond - u_uncond)
 
-    dt = 1.0 / steps
     for i in range(steps):
         if path is not None:
             path.append(x.cpu())
-        t = i * dt
-        if solver == "euler":
-            x = x + dt * velocity(x, t)
-        elif solver == "midpoint":
-            x = x + dt * velocity(x + dt / 2 * velocity(x, t), t + dt / 2)
-        else:
-            raise ValueError(f"unknown solver {solver!r}: use euler or midpoint")
+        x = (ddpm_step if model.method == "ddpm" else flow_step)(predict, x, i, steps, solver, generator)
     if path is not None:
         path.append(x.cpu())
     model.train(was_training)
@@ -187,7 +241,7 @@ def update_ema(ema, model, decay):
 def train_epoch(model, optimizer, x_all, y_all, epoch, args, ema=None):
     """One pass over the images in a fresh random order, `ema` (if any) following the weights.
     Returns the per-step losses; stops at the first log step that finds one non-finite."""
-    device = x_all.device
+    device, loss_fn = x_all.device, ddpm_loss if args.method == "ddpm" else flow_matching_loss
     model.train()
     steps = len(x_all) // args.batch_size  # the last partial batch is dropped
     perm = torch.randperm(len(x_all), device=device)
@@ -195,9 +249,9 @@ def train_epoch(model, optimizer, x_all, y_all, epoch, args, ema=None):
     t_epoch = t_log = time.time()
     for step in range(steps):
         idx = perm[step * args.batch_size:(step + 1) * args.batch_size]
-        x1 = x_all[idx].unsqueeze(1).float() / 255  # B x 1 x 28 x 28 in [0, 1]
+        x = x_all[idx].unsqueeze(1).float() / 255  # B x 1 x 28 x 28 in [0, 1]
         with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
-            loss = flow_matching_loss(model, x1, y_all[idx] if model.num_classes else None, args.p_uncond)
+            loss = loss_fn(model, x, y_all[idx] if model.num_classes else None, args.p_uncond)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -226,7 +280,7 @@ def resume(args, model, optimizer, scheduler, ema):
     """Load args.resume into the model, optimizer, scheduler, EMA and the random streams.
     Returns the losses and learning rates so far and the epoch to continue with."""
     ckpt = read_checkpoint(args.resume, next(model.parameters()).device)
-    for key in ("cond", "hidden", "batch_size", "epochs", "limit", "ema"):
+    for key in ("method", "cond", "hidden", "batch_size", "epochs", "limit", "ema"):
         old, new, flag = ckpt["args"].get(key), getattr(args, key), "--" + key.replace("_", "-")
         if old != new:
             raise ValueError(f"{args.resume} was trained with {flag} {old}, not {new}: "
@@ -266,7 +320,8 @@ def benchmark(model, optimizer, x_all, y_all, args, steps=30):
 
 def train(args, device):
     # channels-last memory suits the convolution kernels of CPUs and GPUs alike
-    model = UNet(args.hidden, 10 if args.cond == "class" else 0).to(device, memory_format=torch.channels_last)
+    model = UNet(args.hidden, 10 if args.cond == "class" else 0, args.method)
+    model = model.to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, 0.1 ** (1 / args.epochs))  # once an epoch
     ema = copy.deepcopy(model).requires_grad_(False) if args.ema else None  # sampled from instead of model
@@ -384,7 +439,7 @@ def save_progress(epoch, args, model, optimizer, scheduler, losses, lrs, ema=Non
         f.write("step,epoch,loss,lr\n")
         f.writelines(f"{i + 1},{i // steps + 1},{v:.6f},{lrs[i // steps]:.6e}\n"
                      for i, v in enumerate(losses))
-    title = f"flow matching, {args.cond}-conditioned UNet"
+    title = f"{'DDPM' if args.method == 'ddpm' else 'flow matching'}, {args.cond}-conditioned UNet"
     plot_loss(losses, steps, os.path.join(args.out, "loss.png"), title)
     if epoch == args.epochs:  # the sampling weights alone, in half precision: what samples/ ships
         state = (ema or model).state_dict()
@@ -420,7 +475,8 @@ def read_checkpoint(path, device="cpu"):
 def load_checkpoint(path, device="cpu"):
     """The UNet saved in a flow.py checkpoint (its EMA weights if it has them), on `device`, in eval mode."""
     ckpt = read_checkpoint(path, device)
-    model = UNet(ckpt["args"]["hidden"], 10 if ckpt["args"]["cond"] == "class" else 0)
+    a = ckpt["args"]
+    model = UNet(a["hidden"], 10 if a["cond"] == "class" else 0, a.get("method", "flow"))
     try:
         model.load_state_dict(ckpt.get("ema") or ckpt["model"])  # the averaged weights if trained with --ema
     except RuntimeError as e:
@@ -516,7 +572,7 @@ def evaluate(model, args, device, chunk=100):
             x = torch.cat([sample(model, min(chunk, n - i), None if labels is None else labels[i:i + chunk],
                                   steps, guidance, args.seed + i, solver) for i in range(0, n, chunk)])
         value, confidence, features = score(classifier, x.clamp(0, 1), labels)
-        nfe = steps * (1 if solver == "euler" else 2)
+        nfe = steps * (2 if solver == "midpoint" else 1)
         print(f"| {solver} | {steps} | {nfe} | {guidance} | {value:.4f} | {confidence:.4f} | "
               f"{frechet_distance(features, real):.2f} | {floor:.2f} | {time.time() - t0:.0f} |", flush=True)
 
@@ -526,9 +582,10 @@ def evaluate(model, args, device, chunk=100):
 
 def from_checkpoint(args, device):
     """The modes that need no training: --evaluate and --sample-only."""
-    ckpt_path = args.ckpt or os.path.join(args.out or f"samples/flow_{args.cond}", "ckpt.pt")
+    ckpt_path = args.ckpt or os.path.join(args.out or f"samples/{args.method}_{args.cond}", "ckpt.pt")
     model = load_checkpoint(ckpt_path, device)
-    args.steps = args.steps or [300 if model.num_classes else 50]
+    args.solver = args.solver or SOLVERS[model.method][:1]
+    args.steps = args.steps or [300 if model.num_classes or model.method == "ddpm" else 50]
     if args.evaluate:
         return evaluate(model, args, device)
     out = args.out or os.path.dirname(ckpt_path) or "."
@@ -582,29 +639,30 @@ def number_list(kind):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Flow matching on MNIST, time- or class-conditioned.",
+    parser = argparse.ArgumentParser(description="Flow matching or DDPM on MNIST, with time or class input.",
                                      epilog="--sample-only and --evaluate sweep comma-separated lists.")
     add = parser.add_argument
     # model and objective
+    add("--method", choices=["flow", "ddpm"], default="flow", help="flow matching or DDPM (default: flow)")
     add("--cond", choices=["time", "class"], default="class", help="time, or time and digit (default: class)")
     add("--hidden", type=positive(int), default=64, metavar="D", help="UNet width D (default: %(default)s)")
     add("--p-uncond", type=float, default=0.1, help="class dropout in training, B.3 (default: %(default)s)")
     # optimisation
-    add("--epochs", type=positive(int), default=10, metavar="N", help="epochs (default: %(default)s)")
-    add("--batch-size", type=positive(int), default=64, metavar="N", help="batch size (default: %(default)s)")
-    add("--lr", type=positive(float), default=0.01, help="Adam learning rate, falls to 1/10 (default: 0.01)")
+    add("--epochs", type=positive(int), default=10, metavar="N", help="epochs (default: 10; ddpm 20)")
+    add("--batch-size", type=positive(int), default=64, metavar="N", help="batch (default: 64; ddpm 128)")
+    add("--lr", type=positive(float), default=0.01, help="Adam's, falls to 1/10 (default: 0.01; ddpm 0.001)")
     add("--limit", type=positive(int), metavar="N", help="train on the first N images (default: all 60,000)")
     add("--ema", type=float, default=0, metavar="DECAY", help="sample from an EMA, e.g. 0.999 (default: off)")
     # sampling
-    add("--steps", type=number_list(positive(int)), metavar="N", help="solver steps (default: 50; class 300)")
+    add("--steps", type=number_list(positive(int)), metavar="N", help="steps (default: 50; class, ddpm 300)")
     add("--guidance", type=number_list(float), default=[5.0], metavar="G", help="gamma of B.4 (default: 5.0)")
-    add("--solver", type=number_list(str), default=["euler"], help="euler, or midpoint (default: euler)")
-    add("--sample-epochs", type=number_list(positive(int)), default="1,5,10",
-        help="epochs that get a sample grid; the last always does (default: %(default)s)")
+    add("--solver", type=number_list(str), help="euler or midpoint; ddpm: ddpm or ddim (default: the first)")
+    add("--sample-epochs", type=number_list(positive(int)), default="1,5,10", metavar="LIST",
+        help="epochs with a sample grid, and the last (default: 1,5,10; ddpm 1,5,10,20)")
     add("--gif", action="store_true", help="also write sampling.gif, the last grid's path (default: off)")
     # input, output, system
     add("--data", default="data", help="MNIST root, downloaded if missing (default: %(default)s)")
-    add("--out", help="output folder (default: samples/flow_<cond>)")
+    add("--out", help="output folder (default: samples/<method>_<cond>)")
     add("--resume", metavar="CKPT", help="continue training from this checkpoint (default: start afresh)")
     add("--sample-only", action="store_true", help="no training: samples.png from --ckpt (default: off)")
     add("--evaluate", type=positive(int), metavar="N", help="no training: score N samples (default: off)")
@@ -616,12 +674,17 @@ def main(argv=None):
     add("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto", help="auto: cuda, mps or cpu")
     add("--seed", type=int, default=180, help="random seed for training and sampling (default: %(default)s)")
     args = parser.parse_args(argv)
+    if args.method == "ddpm":  # SPEC.md's DDPM defaults, for the flags not given
+        parser.set_defaults(epochs=20, batch_size=128, lr=1e-3, sample_epochs="1,5,10,20")
+        args = parser.parse_args(argv)
     if not 0 <= args.p_uncond <= 1:
         parser.error(f"--p-uncond must lie in [0, 1], got {args.p_uncond}")
-    if set(args.solver) - {"euler", "midpoint"}:
-        parser.error(f"--solver takes euler or midpoint, got {','.join(args.solver)}")
-    sweep = len(args.solver) * len(args.steps or [0]) * len(args.guidance) > 1
-    if sweep and not (args.sample_only or args.evaluate):
+    no_training = args.sample_only or args.evaluate
+    solvers = SOLVERS["flow"] + SOLVERS["ddpm"] if no_training else SOLVERS[args.method]
+    if set(args.solver or []) - set(solvers):
+        parser.error(f"--solver takes {' or '.join(solvers)}, got {','.join(args.solver)}")
+    sweep = len(args.solver or [0]) * len(args.steps or [0]) * len(args.guidance) > 1
+    if sweep and not no_training:
         parser.error("lists of --solver, --steps or --guidance are for --sample-only and --evaluate")
 
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
@@ -634,11 +697,12 @@ def main(argv=None):
     device = torch.device(device)
     torch.manual_seed(args.seed)
     try:
-        if args.sample_only or args.evaluate:
+        if no_training:
             return from_checkpoint(args, device)
-        args.solver, args.guidance = args.solver[0], args.guidance[0]
-        args.steps = args.steps[0] if args.steps else 300 if args.cond == "class" else 50
-        args.out = args.out or f"samples/flow_{args.cond}"
+        args.solver = args.solver[0] if args.solver else SOLVERS[args.method][0]
+        time_flow = (args.cond, args.method) == ("time", "flow")
+        args.steps = args.steps[0] if args.steps else 50 if time_flow else 300
+        args.guidance, args.out = args.guidance[0], args.out or f"samples/{args.method}_{args.cond}"
         if not args.benchmark:
             prepare_out(args.out, args.resume)
         train(args, device)

@@ -100,9 +100,9 @@ def test_loss_falls_when_overfitting_one_batch():
 class Spy(torch.nn.Module):
     """A stand-in for the UNet: u = a x + b t + (class weights) . c, recording what it is fed."""
 
-    def __init__(self, num_classes=10):
+    def __init__(self, num_classes=10, method="flow"):
         super().__init__()
-        self.num_classes = num_classes
+        self.num_classes, self.method = num_classes, method
         self.a, self.b = torch.nn.Parameter(torch.tensor(-0.7)), torch.nn.Parameter(torch.tensor(2.0))
         self.w = torch.nn.Parameter(torch.linspace(-1, 1, num_classes))
         self.seen = []
@@ -166,9 +166,9 @@ def test_guidance_mixes_conditional_and_unconditional_flows(guidance):
     assert torch.allclose(got, x, atol=1e-4)
 
 
-@pytest.mark.parametrize("solver,nfe", [("euler", 1), ("midpoint", 2)])
+@pytest.mark.parametrize("solver,nfe", [("euler", 1), ("midpoint", 2), ("ddpm", 1), ("ddim", 1)])
 def test_solvers_call_the_network_as_often_as_they_claim(solver, nfe):
-    model = Spy()
+    model = Spy(method="ddpm" if solver in flow.SOLVERS["ddpm"] else "flow")
     flow.sample(model, 2, steps=5, solver=solver)
     assert len(model.seen) == 5 * nfe
 
@@ -236,6 +236,109 @@ def test_sampling_leaves_training_mode_and_global_rng_alone():
     torch.manual_seed(5)
     flow.sample(model, 2, steps=2)
     assert model.training and torch.equal(torch.rand(1), before)
+
+
+# --- DDPM on the same UNet -----------------------------------------------------
+
+
+def test_ddpm_schedule_runs_from_beta_1e4_to_2e2_with_alpha_bar_falling():
+    a = flow.alpha_bar().double()
+    assert len(a) == flow.T + 1 and a[0] == 1
+    betas = 1 - a[1:] / a[:-1]
+    assert betas[0] == pytest.approx(1e-4, rel=1e-3) and betas[-1] == pytest.approx(0.02, rel=1e-3)
+    assert (a[1:] < a[:-1]).all() and a[-1] < 0.05  # nearly pure noise at t = T
+
+
+def test_ddpm_loss_is_mse_to_the_noise():
+    model = Spy(method="ddpm")
+    x0, labels = torch.rand(4, 1, 28, 28), torch.tensor([0, 3, 5, 9])
+    torch.manual_seed(3)
+    loss = flow.ddpm_loss(model, x0, labels, p_uncond=0.0)
+    torch.manual_seed(3)  # the same draws, in the same order: eps, then t
+    eps, t = torch.randn_like(x0), torch.randint(1, flow.T + 1, (4, 1))
+    betas = torch.linspace(1e-4, 0.02, flow.T).double()
+    a = torch.stack([(1 - betas[:k]).prod() for k in t[:, 0]]).float()[:, None, None, None]
+    x_t, t_in, c = model.seen[0]
+    assert torch.allclose(x_t, a.sqrt() * x0 + (1 - a).sqrt() * eps, atol=1e-6)
+    assert torch.allclose(t_in, t / flow.T) and torch.equal(c, torch.eye(10)[labels])
+    expected = (model(x_t, t_in, c) - eps).pow(2).mean()
+    assert torch.allclose(loss, expected)
+
+
+@pytest.mark.parametrize("solver", ["ddpm", "ddim"])
+def test_one_ddpm_step_with_the_true_noise_matches_the_formulas(solver):
+    """From t = 300 with 300 steps: SPEC.md's ancestral step; DDIM's sqrt(a_s) x0 + sqrt(1 - a_s) eps."""
+    x0, eps = torch.rand(3, 1, 28, 28), noise(3, seed=1)
+    betas = torch.linspace(1e-4, 0.02, flow.T).double()
+    a_t, a_s, beta = (1 - betas).prod(), (1 - betas[:-1]).prod(), betas[-1]
+    x_t = (a_t.sqrt() * x0 + (1 - a_t).sqrt() * eps).float()
+    generator = torch.Generator().manual_seed(9)
+    got = flow.ddpm_step(lambda x, t: eps, x_t, 0, flow.T, solver, generator)
+    if solver == "ddim":
+        expected = a_s.sqrt() * x0 + (1 - a_s).sqrt() * eps
+    else:
+        z = torch.randn(x0.shape, generator=torch.Generator().manual_seed(9))
+        expected = (a_s.sqrt() * beta / (1 - a_t) * x0 + (1 - beta).sqrt() * (1 - a_s) / (1 - a_t) * x_t
+                    + beta.sqrt() * z)
+    assert torch.allclose(got, expected.float(), atol=1e-5)
+    last = flow.ddpm_step(lambda x, t: eps, x_t, flow.T - 1, flow.T, solver, generator)  # t = 1 -> 0
+    assert torch.allclose(last, ((x_t - (1 - flow.alpha_bar()[1]).sqrt() * eps) / flow.alpha_bar()[1].sqrt()))
+
+
+class GaussianPixels(torch.nn.Module):
+    """The exact noise predictor of a DDPM model when the data's pixels are independent N(mu, s^2):
+    eps = (x_t - sqrt(a_t) E[x0 | x_t]) / sqrt(1 - a_t), with E[x0 | x_t] linear in x_t."""
+
+    def __init__(self, mu, s):
+        super().__init__()
+        self.mu, self.s, self.num_classes, self.method = mu, s, 0, "ddpm"
+        self.device_holder = torch.nn.Parameter(torch.zeros(()))  # sample() finds the device here
+
+    def forward(self, x_t, t, c=None):
+        a = flow.alpha_bar()[(t * flow.T).round().long()][:, :, None, None]
+        x0 = self.mu + a.sqrt() * self.s ** 2 / (a * self.s ** 2 + 1 - a) * (x_t - a.sqrt() * self.mu)
+        return (x_t - a.sqrt() * x0) / (1 - a).sqrt()
+
+
+@pytest.mark.parametrize("solver", ["ddpm", "ddim"])
+def test_ddpm_samplers_given_the_exact_noise_draw_from_the_data_distribution(solver):
+    x = flow.sample(GaussianPixels(0.3, 0.2), 64, steps=flow.T, solver=solver, seed=1)  # 50,176 pixels
+    # measured: mean 0.300 and 0.287 (DDIM keeps the error of starting at N(0, I)), std 0.202 and 0.203
+    assert x.mean().item() == pytest.approx(0.3, abs=0.02) and x.std().item() == pytest.approx(0.2, abs=0.01)
+
+
+def test_ddim_adds_no_noise_after_the_start():
+    torch.manual_seed(0)
+    model = flow.UNet(8, 0, "ddpm").eval()
+    ddim = [flow.sample(model, 2, steps=flow.T, seed=s, solver="ddim") for s in (3, 3, 4)]
+    assert torch.equal(ddim[0], ddim[1]) and not torch.allclose(ddim[0], ddim[2])
+    ancestral = flow.sample(model, 2, steps=flow.T, seed=3)  # a DDPM model's own sampler: ddpm
+    assert not torch.allclose(ancestral, ddim[0], atol=1e-3)  # the same start, then noise at every step
+
+
+def test_samplers_refuse_the_other_method():
+    with pytest.raises(ValueError, match="euler or midpoint"):
+        flow.sample(flow.UNet(8), 1, steps=1, solver="ddim")
+    with pytest.raises(ValueError, match="ddpm or ddim"):
+        flow.sample(flow.UNet(8, 0, "ddpm"), 1, steps=1, solver="euler")
+    with pytest.raises(ValueError, match="300 or fewer"):
+        flow.sample(flow.UNet(8, 0, "ddpm"), 1, steps=301)
+
+
+def test_ddpm_run_takes_its_defaults_and_writes_every_output(mnist, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    run_flow("--method", "ddpm", "--data", mnist, "--out", out, "--hidden", 8, "--limit", 256, "--epochs", 1,
+             "--steps", 4, "--cond", "class")
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "loss.csv", "loss.png", "model.pt", "samples_epoch01.png"]
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    args = ckpt["args"]
+    assert (args["batch_size"], args["lr"], args["sample_epochs"]) == (128, 1e-3, [1, 5, 10, 20])
+    assert len(ckpt["losses"]) == 256 // 128 and ckpt["args"]["solver"] == "ddpm"
+    model = flow.load_checkpoint(os.path.join(out, "model.pt"))
+    assert model.method == "ddpm" and model.num_classes == 10
+    assert "ddpm or ddim" in flow_error(capsys, "--sample-only", "--ckpt", os.path.join(out, "model.pt"),
+                                        "--solver", "euler")
+    assert "euler or midpoint" in flow_error(capsys, "--method", "flow", "--solver", "ddim")
 
 
 # --- the command line: outputs, checkpoints, resume -----------------------------
@@ -381,9 +484,10 @@ def test_lists_are_refused_for_training(capsys):
     assert "--sample-only and --evaluate" in flow_error(capsys, "--steps", "10,20")
 
 
-def test_resume_reproduces_an_uninterrupted_run(mnist, tmp_path, monkeypatch):
+@pytest.mark.parametrize("method", ["flow", "ddpm"])
+def test_resume_reproduces_an_uninterrupted_run(mnist, tmp_path, monkeypatch, method):
     whole, broken = str(tmp_path / "whole"), str(tmp_path / "broken")
-    args = ("--epochs", 2, "--sample-epochs", "1")
+    args = ("--epochs", 2, "--sample-epochs", "1", "--method", method)
     run_flow(*tiny_flow_args(mnist, whole, *args))
 
     def crash(*a, **k):
