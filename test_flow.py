@@ -310,9 +310,9 @@ def test_ddpm_samplers_given_the_exact_noise_draw_from_the_data_distribution(sol
 def test_ddim_adds_no_noise_after_the_start():
     torch.manual_seed(0)
     model = flow.UNet(8, 0, "ddpm").eval()
-    ddim = [flow.sample(model, 2, steps=flow.T, seed=s, solver="ddim") for s in (3, 3, 4)]
-    assert torch.equal(ddim[0], ddim[1]) and not torch.allclose(ddim[0], ddim[2])
-    ancestral = flow.sample(model, 2, steps=flow.T, seed=3)  # a DDPM model's own sampler: ddpm
+    ddim = [flow.sample(model, 1, steps=flow.T, seed=3, solver="ddim") for _ in range(2)]
+    assert torch.equal(ddim[0], ddim[1])
+    ancestral = flow.sample(model, 1, steps=flow.T, seed=3)  # a DDPM model's own sampler: ddpm
     assert not torch.allclose(ancestral, ddim[0], atol=1e-3)  # the same start, then noise at every step
 
 
