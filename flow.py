@@ -125,7 +125,8 @@ def flow_matching_loss(model, x1, labels=None, p_uncond=0.1):
 
 def flow_step(predict, x, i, steps, solver, generator=None):
     """One step of dx/dt = u_theta(x, t) from t = i / steps to (i + 1) / steps."""
-    t, dt = i / steps, 1 / steps
+    dt = 1.0 / steps
+    t = i * dt
     if solver == "euler":  # B.2, B.4
         return x + dt * predict(x, t)
     return x + dt * predict(x + dt / 2 * predict(x, t), t + dt / 2)  # midpoint: the slope at half a step
@@ -280,8 +281,9 @@ def resume(args, model, optimizer, scheduler, ema):
     """Load args.resume into the model, optimizer, scheduler, EMA and the random streams.
     Returns the losses and learning rates so far and the epoch to continue with."""
     ckpt = read_checkpoint(args.resume, next(model.parameters()).device)
+    saved = {"method": "flow", **ckpt["args"]}  # checkpoints from before --method hold flow models
     for key in ("method", "cond", "hidden", "batch_size", "epochs", "limit", "ema"):
-        old, new, flag = ckpt["args"].get(key), getattr(args, key), "--" + key.replace("_", "-")
+        old, new, flag = saved.get(key), getattr(args, key), "--" + key.replace("_", "-")
         if old != new:
             raise ValueError(f"{args.resume} was trained with {flag} {old}, not {new}: "
                              f"pass {flag} {old} to resume it")
@@ -475,8 +477,8 @@ def read_checkpoint(path, device="cpu"):
 def load_checkpoint(path, device="cpu"):
     """The UNet saved in a flow.py checkpoint (its EMA weights if it has them), on `device`, in eval mode."""
     ckpt = read_checkpoint(path, device)
-    a = ckpt["args"]
-    model = UNet(a["hidden"], 10 if a["cond"] == "class" else 0, a.get("method", "flow"))
+    saved = {"method": "flow", **ckpt["args"]}  # checkpoints from before --method hold flow models
+    model = UNet(saved["hidden"], 10 if saved["cond"] == "class" else 0, saved["method"])
     try:
         model.load_state_dict(ckpt.get("ema") or ckpt["model"])  # the averaged weights if trained with --ema
     except RuntimeError as e:
