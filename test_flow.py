@@ -475,6 +475,17 @@ def test_committed_class_weights_draw_the_digits_asked_for(mnist):
     assert (nearest == labels).float().mean() >= 0.7
 
 
+def test_committed_time_weights_draw_varied_digits(mnist):
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "samples", "flow_time", "model.pt")
+    assert os.path.getsize(path) <= 5 * 2 ** 20
+    x = flow.sample(flow.load_checkpoint(path), 30, steps=10).clamp(0, 1).flatten(1)
+    images, digits = flow.load_mnist(mnist, "cpu", 2000, train=False)
+    means = torch.stack([images[digits == k].float().mean(0) / 255 for k in range(10)]).flatten(1)
+    real = torch.cdist(images[:300].float().flatten(1) / 255, means).min(1).values.mean()
+    distances = torch.cdist(x, means)  # to the ten class-mean images: real digits 6.0 on average, noise 13
+    assert distances.min(1).values.mean() <= 1.25 * real and len(set(distances.argmin(1).tolist())) >= 7
+
+
 @pytest.mark.parametrize("value", ["1,,x", "fast", ""])
 def test_bad_lists_are_refused(capsys, value):
     assert "comma-separated" in flow_error(capsys, "--sample-only", "--guidance", value)
