@@ -132,7 +132,7 @@ def flow_step(predict, x, i, steps, solver, generator=None):
     return x + dt * predict(x + dt / 2 * predict(x, t), t + dt / 2)  # midpoint: the slope at half a step
 
 
-# --- DDPM on the same UNet: the assignment's optional extension (SPEC.md) ---
+# --- DDPM on the same UNet: the assignment's optional extension, as its DDPM version had it ---
 # DDPM runs the other way: x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps holds noise at t = T and the digit x0 at
 # t = 0, where flow matching has x_t = (1 - t) x0 + t x1 with noise x0 at t = 0 and the digit x1 at t = 1.
 # Both mix noise and data affinely; DDPM's mix is not straight, and its UNet predicts eps, not a velocity.
@@ -676,7 +676,7 @@ def main(argv=None):
     add("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto", help="auto: cuda, mps or cpu")
     add("--seed", type=int, default=180, help="random seed for training and sampling (default: %(default)s)")
     args = parser.parse_args(argv)
-    if args.method == "ddpm":  # SPEC.md's DDPM defaults, for the flags not given
+    if args.method == "ddpm":  # the DDPM version's defaults, for the flags not given
         parser.set_defaults(epochs=20, batch_size=128, lr=1e-3, sample_epochs="1,5,10,20")
         args = parser.parse_args(argv)
     if not 0 <= args.p_uncond <= 1:

@@ -267,7 +267,7 @@ def test_ddpm_loss_is_mse_to_the_noise():
 
 @pytest.mark.parametrize("solver", ["ddpm", "ddim"])
 def test_one_ddpm_step_with_the_true_noise_matches_the_formulas(solver):
-    """From t = 300 with 300 steps: SPEC.md's ancestral step; DDIM's sqrt(a_s) x0 + sqrt(1 - a_s) eps."""
+    """From t = 300 with 300 steps: the ancestral step as specified; DDIM's sqrt(a_s) x0 + sqrt(1 - a_s) eps."""
     x0, eps = torch.rand(3, 1, 28, 28), noise(3, seed=1)
     betas = torch.linspace(1e-4, 0.02, flow.T).double()
     a_t, a_s, beta = (1 - betas).prod(), (1 - betas[:-1]).prod(), betas[-1]
