@@ -489,7 +489,7 @@ def load_checkpoint(path, device="cpu"):
     return model.to(device, memory_format=torch.channels_last).eval()  # faster convolutions, as in training
 
 
-# --- sample quality, measured: a small MNIST classifier's verdict on the samples (SPEC.md) ---
+# --- sample quality, measured: a small MNIST classifier's verdict on the samples ---
 
 
 def make_classifier():
@@ -561,7 +561,7 @@ def frechet_distance(a, b):
 
 
 def evaluate(model, args, device, chunk=100):
-    """Print SPEC.md's scores of args.evaluate samples for each solver, steps and guidance listed."""
+    """Score args.evaluate samples: a table row for each solver, steps and guidance listed."""
     classifier, n = load_classifier(args.data, device), args.evaluate
     digits = lambda limit, train: load_mnist(args.data, device, limit, train)[0].unsqueeze(1) / 255
     real = score(classifier, digits(None, False))[2]  # the 10,000 test digits
