@@ -572,11 +572,15 @@ def evaluate(model, args, device, chunk=100):
           f"| solver | steps | NFE | guidance | {measure} | confidence | FD | floor | s |\n|" + " ---: |" * 9)
     guidances = args.guidance if model.num_classes else ["-"]
     for solver, steps, guidance in itertools.product(args.solver, args.steps, guidances):
-        t0 = time.time()
-        with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):  # in chunks: CPUs run them faster
-            x = torch.cat([sample(model, min(chunk, n - i), None if labels is None else labels[i:i + chunk],
-                                  steps, guidance, args.seed + i, solver) for i in range(0, n, chunk)])
-        value, confidence, features = score(classifier, x.clamp(0, 1), labels)
+        t0, xs = time.time(), []
+        for i in range(0, n, chunk):  # in chunks: CPUs run them faster
+            with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
+                xs.append(sample(model, min(chunk, n - i), None if labels is None else labels[i:i + chunk],
+                                 steps, guidance, args.seed + i, solver))
+            done = i + len(xs[-1])  # progress on stderr, the table on stdout
+            eta = (time.time() - t0) / done * (n - done)
+            print(f"{done}/{n} samples, eta {eta:.0f}s", end="\r", file=sys.stderr, flush=True)
+        value, confidence, features = score(classifier, torch.cat(xs).clamp(0, 1), labels)
         nfe = steps * (2 if solver == "midpoint" else 1)
         print(f"| {solver} | {steps} | {nfe} | {guidance} | {value:.4f} | {confidence:.4f} | "
               f"{frechet_distance(features, real):.2f} | {floor:.2f} | {time.time() - t0:.0f} |", flush=True)

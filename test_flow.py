@@ -430,7 +430,9 @@ def test_evaluate_prints_one_row_per_setting(mnist, tmp_path, capsys, monkeypatc
     capsys.readouterr()
     run_flow("--evaluate", 20, "--ckpt", os.path.join(out, "model.pt"), "--data", mnist,
              "--solver", "euler,midpoint", "--steps", "1,2", "--guidance", 3)
-    lines = capsys.readouterr().out.splitlines()
+    printed = capsys.readouterr()
+    assert printed.err.count("20/20 samples, eta 0s") == 4  # each row's progress, not in the table
+    lines = printed.out.splitlines()
     assert "| accuracy | confidence | FD | floor |" in lines[1]
     rows = [line.strip("| ").split(" | ") for line in lines[3:]]
     assert [(r[0], r[1], r[2], r[3]) for r in rows] == [("euler", "1", "1", "3.0"), ("euler", "2", "2", "3.0"),
