@@ -21,7 +21,8 @@ UNPACK = os.path.join(HERE, "..", "shared", "mnist", "unpack.sh")
 @pytest.fixture(scope="session")
 def mnist():
     """The MNIST root data/: unpacked from ../shared/mnist, or downloaded by torchvision, when missing."""
-    if os.path.exists(UNPACK) and not os.path.exists(os.path.join(DATA, "MNIST", "raw", "train-images-idx3-ubyte")):
+    unpacked = os.path.exists(os.path.join(DATA, "MNIST", "raw", "train-images-idx3-ubyte"))
+    if os.path.exists(UNPACK) and not unpacked:
         subprocess.run(["bash", UNPACK, DATA], check=True, capture_output=True)
     try:
         for train in (True, False):
@@ -179,7 +180,8 @@ def test_solvers_converge_at_their_order_on_a_known_flow(solver, order):
     a, b = model.a.item(), model.b.item()
     x0 = noise(3, seed=4).double()
     exact = math.exp(a) * x0 + b * (math.exp(a) - 1 - a) / a ** 2  # dx/dt = a x + b t, solved
-    errors = [(flow.sample(model.double(), 3, steps=n, seed=4, solver=solver).double() - exact).abs().max().item()
+    model = model.double()
+    errors = [(flow.sample(model, 3, steps=n, seed=4, solver=solver).double() - exact).abs().max().item()
               for n in (8, 16, 32)]
     for coarse, fine in zip(errors, errors[1:]):  # doubling the steps divides the error by 2^order
         assert coarse / fine == pytest.approx(2 ** order, rel=0.15), errors
@@ -267,7 +269,8 @@ def test_ddpm_loss_is_mse_to_the_noise():
 
 @pytest.mark.parametrize("solver", ["ddpm", "ddim"])
 def test_one_ddpm_step_with_the_true_noise_matches_the_formulas(solver):
-    """From t = 300 with 300 steps: the ancestral step as specified; DDIM's sqrt(a_s) x0 + sqrt(1 - a_s) eps."""
+    """From t = 300 with 300 steps: the ancestral step as specified; DDIM's
+    sqrt(a_s) x0 + sqrt(1 - a_s) eps."""
     x0, eps = torch.rand(3, 1, 28, 28), noise(3, seed=1)
     betas = torch.linspace(1e-4, 0.02, flow.T).double()
     a_t, a_s, beta = (1 - betas).prod(), (1 - betas[:-1]).prod(), betas[-1]
@@ -368,7 +371,8 @@ def test_tiny_run_writes_every_output(mnist, tmp_path):
 def test_sample_only_writes_a_grid_from_a_checkpoint(mnist, tmp_path, capsys):
     out = str(tmp_path / "run")
     run_flow(*tiny_flow_args(mnist, out, "--epochs", 1, "--cond", "time"))
-    run_flow("--sample-only", "--ckpt", os.path.join(out, "ckpt.pt"), "--steps", 2, "--solver", "midpoint", "--amp")
+    run_flow("--sample-only", "--ckpt", os.path.join(out, "ckpt.pt"), "--steps", 2, "--solver", "midpoint",
+             "--amp")
     assert "samples.png" in capsys.readouterr().out
     assert Image.open(os.path.join(out, "samples.png")).size == (604, 244)
 
@@ -379,7 +383,8 @@ def test_ema_run_samples_from_the_averaged_weights(mnist, tmp_path):
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     name = "conv_out.1.weight"
     assert not torch.equal(ckpt["ema"][name], ckpt["model"][name])
-    assert torch.equal(flow.load_checkpoint(os.path.join(out, "ckpt.pt")).state_dict()[name], ckpt["ema"][name])
+    loaded = flow.load_checkpoint(os.path.join(out, "ckpt.pt")).state_dict()
+    assert torch.equal(loaded[name], ckpt["ema"][name])
 
 
 # --- sample quality: the classifier's scores and the Frechet distance -----------------------
@@ -391,12 +396,15 @@ def test_frechet_distance_is_zero_for_one_set_and_exact_for_known_gaussians():
     assert abs(flow.frechet_distance(a, a)) < 1e-8
     # two sets whitened to mean 0 and covariance I exactly, then shifted and scaled per axis:
     # FD = |mu_a - mu_b|^2 + sum_i (sqrt(var_a,i) - sqrt(var_b,i))^2 for diagonal covariances
-    white = [torch.linalg.solve_triangular(torch.linalg.cholesky(torch.cov(z.T)), (z - z.mean(0)).T, upper=False).T
-             for z in (torch.randn(400, 3).double(), torch.randn(700, 3).double())]
+    white = []
+    for z in (torch.randn(400, 3).double(), torch.randn(700, 3).double()):
+        chol = torch.linalg.cholesky(torch.cov(z.T))
+        white.append(torch.linalg.solve_triangular(chol, (z - z.mean(0)).T, upper=False).T)
     mu_a, mu_b = torch.tensor([1.0, 0.0, -2.0]), torch.tensor([0.0, 0.5, -2.0])
     sd_a, sd_b = torch.tensor([1.0, 2.0, 0.5]), torch.tensor([3.0, 2.0, 1.5])
     expected = (mu_a - mu_b).square().sum() + (sd_a - sd_b).square().sum()  # 1.25 + 4 + 0 + 1
-    got = flow.frechet_distance(white[0] * sd_a.double() + mu_a.double(), white[1] * sd_b.double() + mu_b.double())
+    x_a, x_b = white[0] * sd_a.double() + mu_a.double(), white[1] * sd_b.double() + mu_b.double()
+    got = flow.frechet_distance(x_a, x_b)
     assert got == pytest.approx(expected.item(), rel=1e-6)
 
 
@@ -406,7 +414,8 @@ class TopRow(torch.nn.Module):
 
 
 def pixel_classifier():
-    """A stand-in for the MNIST classifier: it predicts digit k when pixel k of the top row is the brightest."""
+    """A stand-in for the MNIST classifier: it predicts digit k when pixel k of the top row is the
+    brightest."""
     last = torch.nn.Linear(28, 10, bias=False)
     with torch.no_grad():
         last.weight.copy_(100 * torch.eye(10, 28))
@@ -435,8 +444,8 @@ def test_evaluate_prints_one_row_per_setting(mnist, tmp_path, capsys, monkeypatc
     lines = printed.out.splitlines()
     assert "| accuracy | confidence | FD | floor |" in lines[1]
     rows = [line.strip("| ").split(" | ") for line in lines[3:]]
-    assert [(r[0], r[1], r[2], r[3]) for r in rows] == [("euler", "1", "1", "3.0"), ("euler", "2", "2", "3.0"),
-                                                        ("midpoint", "1", "2", "3.0"), ("midpoint", "2", "4", "3.0")]
+    assert [tuple(r[:4]) for r in rows] == [("euler", "1", "1", "3.0"), ("euler", "2", "2", "3.0"),
+                                            ("midpoint", "1", "2", "3.0"), ("midpoint", "2", "4", "3.0")]
     assert all(0 <= float(r[4]) <= 1 and float(r[6]) >= 0 for r in rows)
     once, again = [], []
     for lines in (once, again):  # one setting, one row; the same seed, the same scores
@@ -463,7 +472,8 @@ def test_model_pt_holds_half_precision_weights_that_load_as_the_model(mnist, tmp
     full = flow.load_checkpoint(os.path.join(out, "ckpt.pt")).state_dict()
     half = flow.load_checkpoint(os.path.join(out, "model.pt")).state_dict()
     for name in full:
-        assert half[name].dtype == full[name].dtype and torch.allclose(half[name], full[name], rtol=1e-3, atol=1e-4)
+        assert half[name].dtype == full[name].dtype
+        assert torch.allclose(half[name], full[name], rtol=1e-3, atol=1e-4)
 
 
 def test_committed_class_weights_draw_the_digits_asked_for(mnist):
@@ -565,9 +575,11 @@ def test_broken_checkpoints_are_refused(mnist, tmp_path, capsys):
     assert "not a flow.py checkpoint" in flow_error(capsys, "--sample-only", "--ckpt", tensor)
     assert "does not exist" in flow_error(capsys, "--sample-only", "--ckpt", tmp_path / "missing.pt")
     other = str(tmp_path / "other")
-    message = flow_error(capsys, *tiny_flow_args(mnist, other, "--epochs", 1, "--cond", "time", "--resume", good))
+    message = flow_error(capsys, *tiny_flow_args(mnist, other, "--epochs", 1, "--cond", "time",
+                                                 "--resume", good))
     assert "--cond class" in message
-    message = flow_error(capsys, *tiny_flow_args(mnist, other, "--epochs", 1, "--hidden", 16, "--resume", good))
+    message = flow_error(capsys, *tiny_flow_args(mnist, other, "--epochs", 1, "--hidden", 16,
+                                                 "--resume", good))
     assert "--hidden 8" in message
     with pytest.raises(ValueError, match="not a readable checkpoint"):
         flow.load_checkpoint(truncated)
@@ -616,7 +628,8 @@ def test_noising_adds_gaussian_noise_of_std_sigma():
         z = denoise.add_noise(x, sigma)
         assert abs((z - x).std().item() - sigma) < 0.01 and abs((z - x).mean().item()) < 0.01
     eps = denoise.add_noise(x, 0.5, pure_noise=True)  # the blank canvas: no trace of x
-    assert abs(eps.std().item() - 1) < 0.01 and abs(torch.corrcoef(torch.stack([eps.flatten(), x.flatten()]))[0, 1]) < 0.02
+    correlation = torch.corrcoef(torch.stack([eps.flatten(), x.flatten()]))[0, 1]
+    assert abs(eps.std().item() - 1) < 0.01 and abs(correlation) < 0.02
 
 
 class Identity(torch.nn.Module):
@@ -655,11 +668,12 @@ def test_denoiser_loss_falls_when_overfitting_one_batch():
 def test_denoise_runs_write_every_figure(mnist, tmp_path):
     out, pure = str(tmp_path / "denoise"), str(tmp_path / "pure")
     run_denoise(*tiny_denoise_args(mnist, out, "--epochs", 2))
-    assert sorted(os.listdir(out)) == ["ckpt.pt", "denoised_epoch01.png", "denoised_epoch02.png", "loss.csv", "loss.png",
-                                       "metrics.csv", "noising.png", "ood.png"]
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "denoised_epoch01.png", "denoised_epoch02.png", "loss.csv",
+                                       "loss.png", "metrics.csv", "noising.png", "ood.png"]
     metrics = list(csv.DictReader(open(os.path.join(out, "metrics.csv"))))
     assert [float(r["sigma"]) for r in metrics] == [0.5, 0.5] + denoise.SIGMAS  # 2 epochs, then every sigma
-    assert metrics[1]["test_mse"] == metrics[2 + denoise.SIGMAS.index(0.5)]["test_mse"]  # the same test at sigma 0.5
+    # the same test at sigma 0.5
+    assert metrics[1]["test_mse"] == metrics[2 + denoise.SIGMAS.index(0.5)]["test_mse"]
     assert all(float(r["test_psnr_db"]) == pytest.approx(10 * math.log10(1 / float(r["test_mse"])), rel=1e-4)
                for r in metrics)
     assert len(list(csv.DictReader(open(os.path.join(out, "loss.csv"))))) == 2 * 2
@@ -702,13 +716,16 @@ def test_denoise_bad_input_is_refused(mnist, tmp_path, capsys):
     assert "--sigma" in denoise_error(capsys, "--sigma", "-1")
     assert "at least 1" in denoise_error(capsys, "--epochs", "0")
     assert "positive" in denoise_error(capsys, "--lr", "0")
-    assert "train-images-idx3-ubyte" in denoise_error(capsys, "--data", tmp_path / "none", "--out", tmp_path / "o")
+    message = denoise_error(capsys, "--data", tmp_path / "none", "--out", tmp_path / "o")
+    assert "train-images-idx3-ubyte" in message
     (tmp_path / "file").write_text("")
     assert "cannot write to --out" in denoise_error(capsys, "--out", tmp_path / "file" / "x")
-    assert "at step" in denoise_error(capsys, *tiny_denoise_args(mnist, tmp_path / "nan", "--epochs", 1, "--lr", 1e30))
+    nan_run = tiny_denoise_args(mnist, tmp_path / "nan", "--epochs", 1, "--lr", 1e30)
+    assert "at step" in denoise_error(capsys, *nan_run)
     flow_run = str(tmp_path / "flow")
     run_flow(*tiny_flow_args(mnist, flow_run, "--epochs", 1))
-    message = denoise_error(capsys, *tiny_denoise_args(mnist, tmp_path / "d", "--resume", os.path.join(flow_run, "ckpt.pt")))
+    flow_ckpt = os.path.join(flow_run, "ckpt.pt")
+    message = denoise_error(capsys, *tiny_denoise_args(mnist, tmp_path / "d", "--resume", flow_ckpt))
     assert "not a denoise.py checkpoint" in message
     run_denoise(*tiny_denoise_args(mnist, tmp_path / "d1", "--epochs", 1))
     message = denoise_error(capsys, *tiny_denoise_args(mnist, tmp_path / "d2", "--epochs", 1, "--pure-noise",
@@ -718,7 +735,8 @@ def test_denoise_bad_input_is_refused(mnist, tmp_path, capsys):
 
 def test_benchmark_reports_speed_and_writes_nothing(mnist, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    flow.main(["--benchmark", "--data", mnist, "--hidden", "8", "--limit", "256", "--batch-size", "8", "--steps", "2"])
+    flow.main(["--benchmark", "--data", mnist, "--hidden", "8", "--limit", "256", "--batch-size", "8",
+               "--steps", "2"])
     line = capsys.readouterr().out.splitlines()[-1]
     assert line.startswith("benchmark on cpu") and "images/s" in line and " s per " in line
     assert os.listdir(tmp_path) == []
@@ -727,15 +745,18 @@ def test_benchmark_reports_speed_and_writes_nothing(mnist, tmp_path, capsys, mon
 @pytest.mark.parametrize("script", ["denoise.py", "flow.py"])
 def test_each_script_runs_copied_alone_into_an_empty_folder(script, mnist, tmp_path):
     shutil.copy(os.path.join(HERE, script), tmp_path)
-    argv = ["--data", mnist, "--out", "run", "--hidden", "8", "--limit", "64", "--batch-size", "32", "--epochs", "1"]
+    argv = ["--data", mnist, "--out", "run", "--hidden", "8", "--limit", "64", "--batch-size", "32",
+            "--epochs", "1"]
     argv += ["--steps", "2"] if script == "flow.py" else []
-    result = subprocess.run([sys.executable, script, *argv], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, script, *argv], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120)
     assert result.returncode == 0, result.stderr
-    assert sorted(os.listdir(tmp_path)) == sorted([script, "run"]) and "ckpt.pt" in os.listdir(tmp_path / "run")
+    assert sorted(os.listdir(tmp_path)) == sorted([script, "run"])
+    assert "ckpt.pt" in os.listdir(tmp_path / "run")
 
 
 def test_the_shared_pieces_are_identical_in_both_scripts():
     import inspect
-    for name in ("bn_gelu", "ConvBlock", "DownBlock", "UpBlock", "load_mnist", "grid_image", "canvas", "plot_loss",
-                 "read_checkpoint"):
+    for name in ("bn_gelu", "ConvBlock", "DownBlock", "UpBlock", "load_mnist", "grid_image", "canvas",
+                 "plot_loss", "read_checkpoint"):
         assert inspect.getsource(getattr(flow, name)) == inspect.getsource(getattr(denoise, name)), name
