@@ -579,7 +579,7 @@ def evaluate(model, args, device, chunk=100):
                                  steps, guidance, args.seed + i, solver))
             done = i + len(xs[-1])  # progress on stderr, the table on stdout
             eta = (time.time() - t0) / done * (n - done)
-            print(f"{done}/{n} samples, eta {eta:.0f}s", end="\r", file=sys.stderr, flush=True)
+            print(f"{solver}, {steps} steps: {done}/{n} samples, eta {eta:.0f}s", end="\r", file=sys.stderr)
         value, confidence, features = score(classifier, torch.cat(xs).clamp(0, 1), labels)
         nfe = steps * (2 if solver == "midpoint" else 1)
         print(f"| {solver} | {steps} | {nfe} | {guidance} | {value:.4f} | {confidence:.4f} | "
