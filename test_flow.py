@@ -476,11 +476,12 @@ def test_model_pt_holds_half_precision_weights_that_load_as_the_model(mnist, tmp
         assert torch.allclose(half[name], full[name], rtol=1e-3, atol=1e-4)
 
 
-def test_committed_class_weights_draw_the_digits_asked_for(mnist):
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "samples", "flow_class", "model.pt")
+@pytest.mark.parametrize("run, solver", [("flow_class", "midpoint"), ("ddpm_class", "ddim")])
+def test_committed_class_weights_draw_the_digits_asked_for(mnist, run, solver):
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "samples", run, "model.pt")
     assert os.path.getsize(path) <= 5 * 2 ** 20
     labels = torch.arange(10).repeat(3)
-    x = flow.sample(flow.load_checkpoint(path), 30, labels, steps=10, solver="midpoint").clamp(0, 1)
+    x = flow.sample(flow.load_checkpoint(path), 30, labels, steps=10, solver=solver).clamp(0, 1)
     images, digits = flow.load_mnist(mnist, "cpu", 2000, train=False)
     means = torch.stack([images[digits == k].float().mean(0) / 255 for k in range(10)])  # 10 x 28 x 28
     nearest = torch.cdist(x.flatten(1), means.flatten(1)).argmin(1)  # about 80% right on real test digits
