@@ -320,7 +320,7 @@ def benchmark(model, optimizer, x_all, y_all, args, steps=30):
     grid_seconds = seconds(lambda: sample_grid(model, args))
     name = torch.cuda.get_device_name() if x_all.is_cuda else f"cpu, {torch.get_num_threads()} threads"
     print(f"benchmark on {name}: training {train_speed:.0f} images/s (batch {args.batch_size}); "
-          f"{grid_seconds:.2f} s per 40-digit grid ({args.solver}, {args.steps} steps)")
+          f"{grid_seconds:.2f} s per 40-digit grid ({args.solver[0]}, {args.steps[0]} steps)")
 
 
 def train(args, device):
@@ -374,7 +374,7 @@ def sample_grid(model, args, path=None):
     """The assignment's figure: 40 digits; with classes, column k holds 4 samples of digit k."""
     labels = torch.arange(10).repeat(4) if model.num_classes else None
     with torch.autocast(next(model.parameters()).device.type, torch.bfloat16, enabled=args.amp):
-        x = sample(model, 40, labels, args.steps, args.guidance, args.seed, args.solver, path)
+        x = sample(model, 40, labels, args.steps[0], args.guidance[0], args.seed, args.solver[0], path)
     return grid_image(x)
 
 
@@ -593,8 +593,8 @@ def from_checkpoint(args, device):
     """The modes that need no training: --evaluate and --sample-only."""
     ckpt_path = args.ckpt or os.path.join(args.out or f"samples/{args.method}_{args.cond}", "ckpt.pt")
     model = load_checkpoint(ckpt_path, device)
-    args.solver = args.solver or SOLVERS[model.method][:1]
-    args.steps = args.steps or [300 if model.num_classes or model.method == "ddpm" else 50]
+    args.method, args.cond = model.method, "class" if model.num_classes else "time"
+    sampling_defaults(args)
     if args.evaluate:
         return evaluate(model, args, device)
     out = args.out or os.path.dirname(ckpt_path) or "."
@@ -603,7 +603,6 @@ def from_checkpoint(args, device):
     if len(args.solver) * len(args.steps) * len(args.guidance) > 1:
         sweep_figure(model, args).save(os.path.join(out, "samples.png"))
     else:
-        args.solver, args.steps, args.guidance = args.solver[0], args.steps[0], args.guidance[0]
         sample_grid(model, args, frames).save(os.path.join(out, "samples.png"))
     if frames:
         save_gif(os.path.join(out, "sampling.gif"), frames)
@@ -645,6 +644,12 @@ def number_list(kind):
         except (ValueError, argparse.ArgumentTypeError):
             raise argparse.ArgumentTypeError(f"expected comma-separated values, got {text!r}") from None
     return parse
+
+
+def sampling_defaults(args):
+    """--solver and --steps not given: the method's first solver; 300 steps, or 50 for a time-only flow."""
+    args.solver = args.solver or SOLVERS[args.method][:1]
+    args.steps = args.steps or [50 if (args.method, args.cond) == ("flow", "time") else 300]
 
 
 def main(argv=None):
@@ -708,10 +713,8 @@ def main(argv=None):
     try:
         if no_training:
             return from_checkpoint(args, device)
-        args.solver = args.solver[0] if args.solver else SOLVERS[args.method][0]
-        time_flow = (args.cond, args.method) == ("time", "flow")
-        args.steps = args.steps[0] if args.steps else 50 if time_flow else 300
-        args.guidance, args.out = args.guidance[0], args.out or f"samples/{args.method}_{args.cond}"
+        sampling_defaults(args)
+        args.out = args.out or f"samples/{args.method}_{args.cond}"
         if not args.benchmark:
             prepare_out(args.out, args.resume)
         train(args, device)

@@ -336,7 +336,7 @@ def test_ddpm_run_takes_its_defaults_and_writes_every_output(mnist, tmp_path, ca
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     args = ckpt["args"]
     assert (args["batch_size"], args["lr"], args["sample_epochs"]) == (128, 1e-3, [1, 5, 10, 20])
-    assert len(ckpt["losses"]) == 256 // 128 and ckpt["args"]["solver"] == "ddpm"
+    assert len(ckpt["losses"]) == 256 // 128 and ckpt["args"]["solver"] == ["ddpm"]
     model = flow.load_checkpoint(os.path.join(out, "model.pt"))
     assert model.method == "ddpm" and model.num_classes == 10
     assert "ddpm or ddim" in flow_error(capsys, "--sample-only", "--ckpt", os.path.join(out, "model.pt"),
