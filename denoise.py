@@ -8,13 +8,13 @@ can only answer with the average training image: z carries no information about 
 prediction that minimises the expected squared error is then E[x]. Generating digits needs
 many small steps instead, which is what flow.py does.
 
-    python denoise.py                   # 5 epochs at sigma 0.5 -> samples/denoise: every Part 1 figure
-    python denoise.py --pure-noise      # -> samples/denoise_pure_noise: outputs beside the mean image
+    python denoise.py                   # 5 epochs at sigma 0.5 -> runs/denoise: every Part 1 figure
+    python denoise.py --pure-noise      # -> runs/denoise_pure_noise: outputs beside the mean image
     python denoise.py --epochs 1 --limit 4096   # a quick check on a CPU
 
 Writes noising.png, denoised_epochNN.png, ood.png (with --pure-noise: pure_noise_epochNN.png and
 mean_image.png), loss.csv, loss.png, metrics.csv and ckpt.pt to --out, the figures after the first
-and the last epoch. 154 min on a 2-core CPU in fp32, 85 min with --amp (bfloat16); minutes on a GPU.
+and the last epoch. 154 min on a 2-core CPU in fp32, 85 min with --amp (bfloat16).
 """
 import argparse
 import math
@@ -145,8 +145,9 @@ def train_epoch(model, optimizer, x_all, epoch, args):
         optimizer.step()
         losses.append(loss.item())
         if not math.isfinite(losses[-1]):
-            raise ValueError(f"the loss became {losses[-1]} at step {step + 1} of epoch {epoch}; "
-                             "the last checkpoint is kept; try a lower --lr")
+            kept = f"the checkpoint of epoch {epoch - 1} is kept" if epoch > 1 else "no checkpoint exists yet"
+            raise ValueError(f"the loss became {losses[-1]} at step {step + 1} of epoch {epoch}; {kept}; "
+                             "try a lower --lr")
         if (step + 1) % args.log_every == 0 or step + 1 == steps:
             seconds = time.time() - t_epoch
             eta = seconds / (step + 1) * ((args.epochs - epoch + 1) * steps - step - 1)
@@ -345,7 +346,7 @@ def main(argv=None):
     add("--limit", type=int, metavar="N", help="use the first N train and test images (default: all)")
     # input, output, system
     add("--data", default="data", help="MNIST root, downloaded if missing (default: %(default)s)")
-    add("--out", help="output folder (default: samples/denoise, or samples/denoise_pure_noise)")
+    add("--out", help="output folder (default: runs/denoise, or runs/denoise_pure_noise)")
     add("--resume", metavar="CKPT", help="continue training from this checkpoint (default: start afresh)")
     add("--amp", action="store_true", help="bfloat16 autocast for training (default: off, fp32)")
     add("--log-every", type=int, default=50, help="steps between log lines (default: %(default)s)")
@@ -361,7 +362,7 @@ def main(argv=None):
     device = next(d for d in available if available[d]) if args.device == "auto" else args.device
     if not available[device]:
         parser.error(f"--device {device} is not available on this machine: use --device auto")
-    args.out = args.out or ("samples/denoise_pure_noise" if args.pure_noise else "samples/denoise")
+    args.out = args.out or os.path.join("runs", "denoise_pure_noise" if args.pure_noise else "denoise")
     try:
         os.makedirs(args.out, exist_ok=True)
     except OSError as e:

@@ -8,15 +8,15 @@ with Euler steps; with classes, classifier-free guidance mixes the conditional a
 unconditional velocities. Architecture, algorithms and defaults follow the course assignment;
 --method ddpm trains DDPM, the assignment's optional extension, on the same UNet to compare.
 
-    python flow.py --cond class --epochs 10        # class-conditioned, 4 of each digit
-    python flow.py --cond time --epochs 10         # time-only, 40 unconditional digits
+    python flow.py --cond class --epochs 10        # class-conditioned, 4 of each digit -> runs/flow_class
+    python flow.py --cond time --epochs 10         # time-only, 40 unconditional digits -> runs/flow_time
     python flow.py --sample-only --ckpt samples/flow_class/model.pt --guidance 0,1,5   # a row per gamma
     python flow.py --evaluate 1000 --ckpt samples/flow_class/model.pt --solver midpoint --steps 50
     python flow.py --method ddpm --cond class      # DDPM: 20 epochs, ancestral sampler (or --solver ddim)
 
-Outputs, in --out (default samples/<method>_<cond>), rewritten after every epoch: loss.csv, loss.png,
-samples_epochNN.png, ckpt.pt (--resume it after a crash), and model.pt at the end. 10 class epochs
-take 103 min on a 2-core Xeon in fp32, 40 with --amp; python flow.py --benchmark measures yours.
+Outputs, in --out (default runs/<method>_<cond>), after every epoch: loss.csv, loss.png and ckpt.pt
+(--resume it after a crash); samples_epochNN.png after the --sample-epochs and the last; model.pt at
+the end. 10 class epochs take 103 min on a 2-core Xeon in fp32, 40 with --amp; --benchmark measures yours.
 """
 import argparse
 import copy
@@ -591,22 +591,30 @@ def evaluate(model, args, device, chunk=100):
 
 def from_checkpoint(args, device):
     """The modes that need no training: --evaluate and --sample-only."""
-    ckpt_path = args.ckpt or os.path.join(args.out or f"samples/{args.method}_{args.cond}", "ckpt.pt")
-    model = load_checkpoint(ckpt_path, device)
+    model = load_checkpoint(args.ckpt or os.path.join(args.out or default_out(args), "ckpt.pt"), device)
     args.method, args.cond = model.method, "class" if model.num_classes else "time"
     sampling_defaults(args)
+    if args.compile:
+        model.compile()
     if args.evaluate:
         return evaluate(model, args, device)
-    out = args.out or os.path.dirname(ckpt_path) or "."
+    out, t_sample, frames = args.out or default_out(args), time.time(), [] if args.gif else None
     prepare_out(out, resume=True)
-    t_sample, frames = time.time(), [] if args.gif else None
-    if len(args.solver) * len(args.steps) * len(args.guidance) > 1:
-        sweep_figure(model, args).save(os.path.join(out, "samples.png"))
+    swept = [name for name in ("solver", "steps", "guidance") if len(getattr(args, name)) > 1]
+    if swept:  # sweep_steps.png, sweep_solver_steps.png, ...: the name says which settings vary
+        path = os.path.join(out, "_".join(["sweep"] + swept) + ".png")
+        sweep_figure(model, args).save(path)
     else:
-        sample_grid(model, args, frames).save(os.path.join(out, "samples.png"))
+        path = os.path.join(out, "samples.png")
+        sample_grid(model, args, frames).save(path)
     if frames:
         save_gif(os.path.join(out, "sampling.gif"), frames)
-    print(f"wrote {os.path.join(out, 'samples.png')} in {time.time() - t_sample:.1f}s")
+    print(f"wrote {path} in {time.time() - t_sample:.1f}s")
+
+
+def default_out(args):
+    """Runs go to runs/ (ignored by git); samples/ holds only the results the README shows."""
+    return os.path.join("runs", f"{args.method}_{args.cond}")
 
 
 def prepare_out(out, resume):
@@ -676,7 +684,7 @@ def main(argv=None):
     add("--gif", action="store_true", help="also write sampling.gif, the last grid's path (default: off)")
     # input, output, system
     add("--data", default="data", help="MNIST root, downloaded if missing (default: %(default)s)")
-    add("--out", help="output folder (default: samples/<method>_<cond>)")
+    add("--out", help="output folder (default: runs/<method>_<cond>)")
     add("--resume", metavar="CKPT", help="continue training from this checkpoint (default: start afresh)")
     add("--sample-only", action="store_true", help="no training: samples.png from --ckpt (default: off)")
     add("--evaluate", type=positive(int), metavar="N", help="no training: score N samples (default: off)")
@@ -700,6 +708,8 @@ def main(argv=None):
     sweep = len(args.solver or [0]) * len(args.steps or [0]) * len(args.guidance) > 1
     if sweep and not no_training:
         parser.error("lists of --solver, --steps or --guidance are for --sample-only and --evaluate")
+    if args.gif and (sweep or args.evaluate):
+        parser.error("--gif animates one grid: not with --evaluate or lists of settings")
 
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     device = next(d for d in available if available[d]) if args.device == "auto" else args.device
@@ -714,7 +724,7 @@ def main(argv=None):
         if no_training:
             return from_checkpoint(args, device)
         sampling_defaults(args)
-        args.out = args.out or f"samples/{args.method}_{args.cond}"
+        args.out = args.out or default_out(args)
         if not args.benchmark:
             prepare_out(args.out, args.resume)
         train(args, device)

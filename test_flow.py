@@ -1,13 +1,21 @@
-"""Smoke checks of flow.py and denoise.py on the CPU: python -m pytest -q test_flow.py"""
+"""Smoke checks of denoise.py and flow.py on the CPU: python -m pytest -q test_flow.py"""
+import argparse
 import csv
+import functools
+import gzip
+import hashlib
+import http.server
 import math
 import os
 import shutil
+import struct
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
+import torchvision
 from PIL import Image
 
 import denoise
@@ -32,13 +40,29 @@ def mnist():
     return DATA
 
 
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
+    """torchvision's MNIST download pointed at an empty local folder: it fails at once, online or offline."""
+    mirror = tmp_path / "empty_mirror"
+    mirror.mkdir()
+    monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", [mirror.as_uri() + "/"])
+
+
+@pytest.fixture(scope="session")
+def class_run(mnist, tmp_path_factory):
+    """One tiny class-conditioned run (1 epoch of 128 images, D = 8) that tests read but never change."""
+    out = str(tmp_path_factory.mktemp("class_run"))
+    run_flow(*tiny_flow_args(mnist, out, "--epochs", 1))
+    return out
+
+
 def run_flow(*argv):
     flow.main([str(a) for a in argv])
 
 
 def tiny_flow_args(mnist, out, *extra):
     return ["--data", mnist, "--out", out, "--hidden", 8, "--limit", 128, "--batch-size", 32,
-            "--steps", 3, "--log-every", 2, "--seed", 1, *extra]
+            "--steps", 3, "--log-every", 2, "--seed", 1, "--device", "cpu", *extra]
 
 
 def flow_error(capsys, *argv):
@@ -51,7 +75,186 @@ def flow_error(capsys, *argv):
     return message
 
 
-# --- model -------------------------------------------------------------------
+def run_denoise(*argv):
+    denoise.main([str(a) for a in argv])
+
+
+def tiny_denoise_args(mnist, out, *extra):
+    return ["--data", mnist, "--out", out, "--hidden", 8, "--limit", 64, "--batch-size", 32, "--log-every", 1,
+            "--seed", 1, "--device", "cpu", *extra]
+
+
+def denoise_error(capsys, *argv):
+    with pytest.raises(SystemExit) as e:
+        run_denoise(*argv)
+    assert e.value.code != 0
+    return str(e.value.code) if isinstance(e.value.code, str) else capsys.readouterr().err
+
+
+# --- data -----------------------------------------------------------------------------
+
+
+def write_idx(path, data):
+    """data (uint8) as a gzipped IDX file, MNIST's format; returns the file's MD5."""
+    header = struct.pack(">BBBB", 0, 0, 8, data.dim()) + struct.pack(f">{data.dim()}I", *data.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + bytes(data.flatten().tolist()))
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def test_load_mnist_downloads_the_files_it_lacks(tmp_path, monkeypatch):
+    """torchvision's own download, checksum and unpacking, from a web server on this machine that
+    mirrors a made-up MNIST of 7 train and 3 test digits."""
+    mirror, torch_gen = tmp_path / "mirror", torch.Generator().manual_seed(0)
+    mirror.mkdir()
+    made, resources = {}, []
+    for split, n in (("train", 7), ("t10k", 3)):
+        made[split] = (torch.randint(0, 256, (n, 28, 28), generator=torch_gen, dtype=torch.uint8),
+                       torch.randint(0, 10, (n,), generator=torch_gen, dtype=torch.uint8))
+        for kind, data in zip(("images-idx3", "labels-idx1"), made[split]):
+            name = f"{split}-{kind}-ubyte.gz"
+            resources.append((name, write_idx(mirror / name, data)))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=mirror)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", [f"http://127.0.0.1:{server.server_port}/"])
+    monkeypatch.setattr(torchvision.datasets.MNIST, "resources", resources)
+    try:
+        for split, train in (("train", True), ("t10k", False)):
+            images, labels = flow.load_mnist(str(tmp_path / "data"), "cpu", train=train)
+            assert torch.equal(images, made[split][0]) and torch.equal(labels, made[split][1].long())
+    finally:
+        server.shutdown()
+    assert "t10k-labels-idx1-ubyte" in os.listdir(tmp_path / "data" / "MNIST" / "raw")
+
+
+@pytest.mark.parametrize("script", [denoise, flow])
+def test_missing_mnist_names_the_files(script, offline, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        script.main(["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out"), "--device", "cpu"])
+    message = str(e.value.code)
+    assert "MNIST is not in" in message and "train-images-idx3-ubyte" in message
+    assert "Traceback" not in message
+
+
+# --- denoise.py: the one-step denoiser (Part 1) ---------------------------------------
+
+
+def test_denoiser_shapes_and_parameter_count():
+    assert denoise.UNet(8)(torch.randn(2, 1, 28, 28)).shape == (2, 1, 28, 28)
+    assert sum(p.numel() for p in denoise.UNet(128).parameters()) == 7_891_073
+
+
+def test_noising_adds_gaussian_noise_of_std_sigma():
+    torch.manual_seed(0)
+    x = torch.rand(64, 1, 28, 28)
+    for sigma in (0.0, 0.5, 1.0):
+        z = denoise.add_noise(x, sigma)
+        assert abs((z - x).std().item() - sigma) < 0.01 and abs((z - x).mean().item()) < 0.01
+    eps = denoise.add_noise(x, 0.5, pure_noise=True)  # the blank canvas: no trace of x
+    correlation = torch.corrcoef(torch.stack([eps.flatten(), x.flatten()]))[0, 1]
+    assert abs(eps.std().item() - 1) < 0.01 and abs(correlation) < 0.02
+
+
+class Identity(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, z):
+        return z
+
+
+def test_evaluate_knows_the_mse_of_doing_nothing():
+    images = torch.randint(0, 256, (1000, 28, 28), dtype=torch.uint8)
+    mse, mean_output = denoise.evaluate(Identity(), images, sigma=0.5)
+    assert mse == pytest.approx(0.25, rel=0.01)  # E|z - x|^2 = sigma^2 per pixel
+    assert denoise.psnr(mse) == pytest.approx(10 * math.log10(4), abs=0.05)
+    assert (mean_output - denoise.to_float(images).mean(0)).abs().mean() < 0.02  # noise averages out
+
+
+def test_denoiser_loss_falls_when_overfitting_one_batch():
+    torch.manual_seed(0)
+    model = denoise.UNet(8)
+    x = torch.rand(16, 1, 28, 28).round()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(40):
+        torch.manual_seed(1)  # the same noise every step
+        loss = denoise.denoising_loss(model, x, 0.5)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.25 * losses[0], losses
+
+
+def test_denoise_runs_write_every_figure(mnist, tmp_path):
+    out, pure = str(tmp_path / "denoise"), str(tmp_path / "pure")
+    run_denoise(*tiny_denoise_args(mnist, out, "--epochs", 2))
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "denoised_epoch01.png", "denoised_epoch02.png", "loss.csv",
+                                       "loss.png", "metrics.csv", "noising.png", "ood.png"]
+    metrics = list(csv.DictReader(open(os.path.join(out, "metrics.csv"))))
+    assert [float(r["sigma"]) for r in metrics] == [0.5, 0.5] + denoise.SIGMAS  # 2 epochs, then every sigma
+    # the same test at sigma 0.5
+    assert metrics[1]["test_mse"] == metrics[2 + denoise.SIGMAS.index(0.5)]["test_mse"]
+    assert all(float(r["test_psnr_db"]) == pytest.approx(10 * math.log10(1 / float(r["test_mse"])), rel=1e-4)
+               for r in metrics)
+    assert len(list(csv.DictReader(open(os.path.join(out, "loss.csv"))))) == 2 * 2
+    for name in ("noising.png", "ood.png", "denoised_epoch02.png"):
+        Image.open(os.path.join(out, name)).verify()
+
+    run_denoise(*tiny_denoise_args(mnist, pure, "--epochs", 1, "--pure-noise"))
+    assert sorted(os.listdir(pure)) == ["ckpt.pt", "loss.csv", "loss.png", "mean_image.png", "metrics.csv",
+                                        "pure_noise_epoch01.png"]
+    row = next(csv.DictReader(open(os.path.join(pure, "metrics.csv"))))
+    model = denoise.UNet(8)
+    model.load_state_dict(torch.load(os.path.join(pure, "ckpt.pt"), weights_only=True)["model"])
+    x_all, x_test = (denoise.load_mnist(mnist, "cpu", 64, train)[0] for train in (True, False))
+    mse, mean_output = denoise.evaluate(model, x_test, 0.5, pure_noise=True)
+    to_mean = torch.nn.functional.mse_loss(mean_output, denoise.to_float(x_all).mean(0)).item()
+    assert float(row["test_mse"]) == pytest.approx(mse, rel=1e-4)
+    assert float(row["mean_output_vs_mean_image_mse"]) == pytest.approx(to_mean, rel=1e-4)
+
+
+def test_denoise_resume_reproduces_an_uninterrupted_run(mnist, tmp_path, monkeypatch):
+    whole, broken = str(tmp_path / "whole"), str(tmp_path / "broken")
+    run_denoise(*tiny_denoise_args(mnist, whole, "--epochs", 2))
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt  # the machine goes down right after the epoch-1 checkpoint
+
+    monkeypatch.setattr(denoise, "epoch_figure", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_denoise(*tiny_denoise_args(mnist, broken, "--epochs", 2))
+    monkeypatch.undo()
+    run_denoise(*tiny_denoise_args(mnist, broken, "--epochs", 2, "--resume", os.path.join(broken, "ckpt.pt")))
+    a = torch.load(os.path.join(whole, "ckpt.pt"), weights_only=True)
+    b = torch.load(os.path.join(broken, "ckpt.pt"), weights_only=True)
+    assert a["losses"] == b["losses"] and a["metrics"] == b["metrics"]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_denoise_bad_input_is_refused(mnist, class_run, tmp_path, capsys):
+    assert "--sigma" in denoise_error(capsys, "--sigma", "-1")
+    assert "at least 1" in denoise_error(capsys, "--epochs", "0")
+    assert "positive" in denoise_error(capsys, "--lr", "0")
+    (tmp_path / "file").write_text("")
+    assert "cannot write to --out" in denoise_error(capsys, "--out", tmp_path / "file" / "x")
+    nan_run = tiny_denoise_args(mnist, tmp_path / "nan", "--epochs", 1, "--lr", 1e30)
+    message = denoise_error(capsys, *nan_run)
+    assert "at step" in message and "no checkpoint exists yet" in message
+    assert not os.path.exists(tmp_path / "nan" / "ckpt.pt")
+    flow_ckpt = os.path.join(class_run, "ckpt.pt")
+    message = denoise_error(capsys, *tiny_denoise_args(mnist, tmp_path / "d", "--resume", flow_ckpt))
+    assert "not a denoise.py checkpoint" in message
+    run_denoise(*tiny_denoise_args(mnist, tmp_path / "d1", "--epochs", 1))
+    message = denoise_error(capsys, *tiny_denoise_args(mnist, tmp_path / "d2", "--epochs", 1, "--pure-noise",
+                                                       "--resume", tmp_path / "d1" / "ckpt.pt"))
+    assert "--pure-noise False" in message
+
+
+# --- flow.py: the conditioned UNet ----------------------------------------------------
 
 
 def test_blocks_and_unet_shapes():
@@ -79,7 +282,7 @@ def test_time_conditioning_changes_the_output():
     assert (u0 - u1).abs().max() > 0.05 * u0.abs().max()
 
 
-# --- loss and sampler ----------------------------------------------------------
+# --- flow matching: the loss and the sampler ------------------------------------------
 
 
 def test_loss_falls_when_overfitting_one_batch():
@@ -153,18 +356,17 @@ def test_euler_steps_equal_a_hand_computed_integration():
 
 @pytest.mark.parametrize("guidance", [0.0, 1.0, 5.0])
 def test_guidance_mixes_conditional_and_unconditional_flows(guidance):
-    torch.manual_seed(0)
-    model = flow.UNet(8, 10).eval()
+    model = Spy()  # u_cond - u_uncond = w[k], so the guided velocity is a x + b t + gamma w[k]
     labels = torch.tensor([3, 1, 4, 1, 5])
-    c = torch.nn.functional.one_hot(labels, 10).float()
     x = noise(5, seed=2)
     with torch.no_grad():
         for i in range(3):
-            t = torch.full((5, 1), i / 3)
-            u_cond, u_uncond = model(x, t, c), model(x, t, torch.zeros_like(c))
-            x = x + (u_uncond + guidance * (u_cond - u_uncond)) / 3
+            x = x + (model.a * x + model.b * i / 3 + guidance * model.w[labels][:, None, None, None]) / 3
     got = flow.sample(model, 5, labels, steps=3, guidance=guidance, seed=2)
-    assert torch.allclose(got, x, atol=1e-4)
+    assert torch.allclose(got, x, atol=1e-6)
+    for x_t, t, c in model.seen:  # one batch: the conditional half, then the unconditional half with c = 0
+        assert torch.equal(c, torch.cat([torch.eye(10)[labels], torch.zeros(5, 10)]))
+        assert torch.equal(x_t[:5], x_t[5:]) and torch.equal(t[:5], t[5:])
 
 
 @pytest.mark.parametrize("solver,nfe", [("euler", 1), ("midpoint", 2), ("ddpm", 1), ("ddim", 1)])
@@ -190,6 +392,7 @@ def test_solvers_converge_at_their_order_on_a_known_flow(solver, order):
 def test_ema_of_a_constant_stays_and_follows_a_step_at_its_rate():
     model, ema = flow.UNet(8), flow.UNet(8)
     ema.load_state_dict(model.state_dict())
+    model.train()(torch.randn(4, 1, 28, 28), torch.rand(4, 1))  # BatchNorm statistics move; the weights stay
     for _ in range(5):
         flow.update_ema(ema, model, 0.9)
     assert all(torch.equal(e, p) for e, p in zip(ema.parameters(), model.parameters()))
@@ -240,7 +443,7 @@ def test_sampling_leaves_training_mode_and_global_rng_alone():
     assert model.training and torch.equal(torch.rand(1), before)
 
 
-# --- DDPM on the same UNet -----------------------------------------------------
+# --- DDPM on the same UNet ------------------------------------------------------------
 
 
 def test_ddpm_schedule_runs_from_beta_1e4_to_2e2_with_alpha_bar_falling():
@@ -310,13 +513,14 @@ def test_ddpm_samplers_given_the_exact_noise_draw_from_the_data_distribution(sol
     assert x.mean().item() == pytest.approx(0.3, abs=0.02) and x.std().item() == pytest.approx(0.2, abs=0.01)
 
 
-def test_ddim_adds_no_noise_after_the_start():
-    torch.manual_seed(0)
-    model = flow.UNet(8, 0, "ddpm").eval()
-    ddim = [flow.sample(model, 1, steps=flow.T, seed=3, solver="ddim") for _ in range(2)]
-    assert torch.equal(ddim[0], ddim[1])
-    ancestral = flow.sample(model, 1, steps=flow.T, seed=3)  # a DDPM model's own sampler: ddpm
-    assert not torch.allclose(ancestral, ddim[0], atol=1e-3)  # the same start, then noise at every step
+@pytest.mark.parametrize("solver", ["ddpm", "ddim"])
+def test_only_the_ancestral_sampler_draws_noise_after_the_start(solver):
+    x, generator = noise(2, seed=0), torch.Generator().manual_seed(5)
+    for i in range(3):  # t = 300 -> 200 -> 100 -> 0
+        before = generator.get_state()
+        x = flow.ddpm_step(lambda x, t: 0.5 * x, x, i, 3, solver, generator)
+        drew = not torch.equal(generator.get_state(), before)
+        assert drew == (solver == "ddpm" and i < 2), i  # the last step, to t = 0, adds no noise
 
 
 def test_samplers_refuse_the_other_method():
@@ -344,7 +548,7 @@ def test_ddpm_run_takes_its_defaults_and_writes_every_output(mnist, tmp_path, ca
     assert "euler or midpoint" in flow_error(capsys, "--method", "flow", "--solver", "ddim")
 
 
-# --- the command line: outputs, checkpoints, resume -----------------------------
+# --- training: outputs, grids, checkpoints, resume ------------------------------------
 
 
 def test_tiny_run_writes_every_output(mnist, tmp_path):
@@ -368,13 +572,16 @@ def test_tiny_run_writes_every_output(mnist, tmp_path):
     assert not model.training and model.num_classes == 10
 
 
-def test_sample_only_writes_a_grid_from_a_checkpoint(mnist, tmp_path, capsys):
-    out = str(tmp_path / "run")
-    run_flow(*tiny_flow_args(mnist, out, "--epochs", 1, "--cond", "time"))
-    run_flow("--sample-only", "--ckpt", os.path.join(out, "ckpt.pt"), "--steps", 2, "--solver", "midpoint",
-             "--amp")
-    assert "samples.png" in capsys.readouterr().out
-    assert Image.open(os.path.join(out, "samples.png")).size == (604, 244)
+def test_class_grid_puts_the_four_samples_of_digit_k_in_column_k():
+    model = Spy()
+    with torch.no_grad():  # u = -x + w[k] and one Euler step from t = 0: the sample is w[k] everywhere
+        model.a.fill_(-1.0), model.b.fill_(0.0), model.w.copy_(torch.linspace(0, 1, 10))
+    args = argparse.Namespace(amp=False, steps=[1], guidance=[1.0], seed=0, solver=["euler"])
+    grid = flow.sample_grid(model, args)
+    assert grid.size == (2 * (10 * 30 + 2), 2 * (4 * 30 + 2))
+    for row in range(4):
+        for k in range(10):  # the middle of each 28-pixel digit, past the 2-pixel borders, enlarged 2x
+            assert grid.getpixel((2 * (2 + 30 * k + 14), 2 * (2 + 30 * row + 14))) == round(255 * k / 9)
 
 
 def test_ema_run_samples_from_the_averaged_weights(mnist, tmp_path):
@@ -383,11 +590,86 @@ def test_ema_run_samples_from_the_averaged_weights(mnist, tmp_path):
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     name = "conv_out.1.weight"
     assert not torch.equal(ckpt["ema"][name], ckpt["model"][name])
-    loaded = flow.load_checkpoint(os.path.join(out, "ckpt.pt")).state_dict()
-    assert torch.equal(loaded[name], ckpt["ema"][name])
+    shipped = torch.load(os.path.join(out, "model.pt"), weights_only=True)["model"]
+    assert torch.equal(shipped[name], ckpt["ema"][name].half())
+    ema = flow.load_checkpoint(os.path.join(out, "ckpt.pt"))
+    assert torch.equal(ema.state_dict()[name], ckpt["ema"][name])
+    raw = flow.UNet(8, 10)
+    raw.load_state_dict(ckpt["model"])
+    grid = Image.open(os.path.join(out, "samples_epoch01.png"))
+    args = argparse.Namespace(**ckpt["args"])
+    assert flow.sample_grid(ema, args).tobytes() == grid.tobytes()  # drawn by the average
+    assert flow.sample_grid(raw.to(memory_format=torch.channels_last), args).tobytes() != grid.tobytes()
 
 
-# --- sample quality: the classifier's scores and the Frechet distance -----------------------
+def test_model_pt_holds_half_precision_weights_that_load_as_the_model(class_run):
+    weights = torch.load(os.path.join(class_run, "model.pt"), weights_only=True)
+    assert set(weights) == {"script", "epoch", "args", "model"} and weights["epoch"] == 1
+    assert all(v.dtype == torch.float16 for v in weights["model"].values() if v.is_floating_point())
+    full = flow.load_checkpoint(os.path.join(class_run, "ckpt.pt"))
+    half = flow.load_checkpoint(os.path.join(class_run, "model.pt"))
+    for name, value in full.state_dict().items():
+        assert torch.allclose(half.state_dict()[name], value, rtol=1e-3, atol=1e-4)
+    labels = torch.arange(10)
+    same_digits = flow.sample(half, 10, labels, steps=3), flow.sample(full, 10, labels, steps=3)
+    assert torch.allclose(*same_digits, atol=1e-2)
+
+
+@pytest.mark.parametrize("method,cond", [("flow", "class"), ("ddpm", "time")])
+def test_resume_reproduces_an_uninterrupted_run(mnist, tmp_path, monkeypatch, method, cond):
+    whole, broken = str(tmp_path / "whole"), str(tmp_path / "broken")
+    args = ("--epochs", 2, "--sample-epochs", "1", "--method", method, "--cond", cond)
+    run_flow(*tiny_flow_args(mnist, whole, *args))
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt  # the machine goes down right after the epoch-1 checkpoint
+
+    monkeypatch.setattr(flow, "sample_grid", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_flow(*tiny_flow_args(mnist, broken, *args))
+    monkeypatch.undo()
+    assert torch.load(os.path.join(broken, "ckpt.pt"), weights_only=True)["epoch"] == 1
+    run_flow(*tiny_flow_args(mnist, broken, *args, "--resume", os.path.join(broken, "ckpt.pt")))
+    a = torch.load(os.path.join(whole, "ckpt.pt"), weights_only=True)
+    b = torch.load(os.path.join(broken, "ckpt.pt"), weights_only=True)
+    assert a["losses"] == b["losses"]
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    assert open(os.path.join(whole, "loss.csv")).read() == open(os.path.join(broken, "loss.csv")).read()
+
+
+def test_benchmark_reports_speed_and_writes_nothing(mnist, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    flow.main(["--benchmark", "--data", mnist, "--hidden", "8", "--limit", "256", "--batch-size", "8",
+               "--steps", "2", "--device", "cpu"])
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line.startswith("benchmark on cpu") and "images/s" in line and " s per " in line
+    assert os.listdir(tmp_path) == []
+
+
+# --- sampling and scoring from a checkpoint -------------------------------------------
+
+
+def test_sample_only_writes_to_runs_and_leaves_the_checkpoint_folder_alone(class_run, tmp_path, capsys,
+                                                                           monkeypatch):
+    before = sorted(os.listdir(class_run))
+    monkeypatch.chdir(tmp_path)
+    run_flow("--sample-only", "--ckpt", os.path.join(class_run, "model.pt"), "--steps", 2,
+             "--solver", "midpoint", "--amp", "--gif", "--device", "cpu")
+    out = tmp_path / "runs" / "flow_class"
+    assert str(out / "samples.png").endswith(capsys.readouterr().out.split()[1])
+    assert sorted(os.listdir(out)) == ["samples.png", "sampling.gif"]
+    assert Image.open(out / "samples.png").size == (604, 244)
+    assert Image.open(out / "sampling.gif").n_frames == 2 + 1
+    assert sorted(os.listdir(class_run)) == before
+
+
+def test_sample_only_sweep_writes_one_row_per_value(class_run, tmp_path):
+    run_flow("--sample-only", "--ckpt", os.path.join(class_run, "ckpt.pt"), "--steps", 2,
+             "--guidance", "0,1,5", "--out", tmp_path, "--device", "cpu")
+    assert os.listdir(tmp_path) == ["sweep_guidance.png"]
+    figure = Image.open(tmp_path / "sweep_guidance.png")
+    assert figure.height == 3 * 2 * 32  # three rows of 28-pixel digits with their 2-pixel border, enlarged 2x
 
 
 def test_frechet_distance_is_zero_for_one_set_and_exact_for_known_gaussians():
@@ -432,13 +714,12 @@ def test_score_counts_the_digits_recognised_as_asked():
     assert entropy == pytest.approx(-(p * p.log()).sum().item(), rel=1e-6)
 
 
-def test_evaluate_prints_one_row_per_setting(mnist, tmp_path, capsys, monkeypatch):
-    out = str(tmp_path / "run")
-    run_flow(*tiny_flow_args(mnist, out, "--epochs", 1))
+def test_evaluate_scores_the_samples_it_draws(class_run, mnist, capsys, monkeypatch):
     monkeypatch.setattr(flow, "load_classifier", lambda root, device: pixel_classifier())
+    ckpt = os.path.join(class_run, "model.pt")
     capsys.readouterr()
-    run_flow("--evaluate", 20, "--ckpt", os.path.join(out, "model.pt"), "--data", mnist,
-             "--solver", "euler,midpoint", "--steps", "1,2", "--guidance", 3)
+    run_flow("--evaluate", 20, "--ckpt", ckpt, "--data", mnist, "--solver", "euler,midpoint",
+             "--steps", "1,2", "--guidance", 3, "--device", "cpu")
     printed = capsys.readouterr()
     assert printed.err.count("20/20 samples, eta 0s") == 4  # each row's progress, not in the table
     lines = printed.out.splitlines()
@@ -446,34 +727,15 @@ def test_evaluate_prints_one_row_per_setting(mnist, tmp_path, capsys, monkeypatc
     rows = [line.strip("| ").split(" | ") for line in lines[3:]]
     assert [tuple(r[:4]) for r in rows] == [("euler", "1", "1", "3.0"), ("euler", "2", "2", "3.0"),
                                             ("midpoint", "1", "2", "3.0"), ("midpoint", "2", "4", "3.0")]
-    assert all(0 <= float(r[4]) <= 1 and float(r[6]) >= 0 for r in rows)
-    once, again = [], []
-    for lines in (once, again):  # one setting, one row; the same seed, the same scores
-        capsys.readouterr()
-        run_flow("--evaluate", 20, "--ckpt", os.path.join(out, "model.pt"), "--data", mnist, "--steps", 2)
-        lines += capsys.readouterr().out.splitlines()
-    assert len(once) == 4 and once[3].rsplit("|", 2)[0] == again[3].rsplit("|", 2)[0]  # all but the seconds
-
-
-def test_sample_only_sweep_writes_one_row_per_value(mnist, tmp_path):
-    out = str(tmp_path / "run")
-    run_flow(*tiny_flow_args(mnist, out, "--epochs", 1))
-    run_flow("--sample-only", "--ckpt", os.path.join(out, "ckpt.pt"), "--steps", 2, "--guidance", "0,1,5")
-    figure = Image.open(os.path.join(out, "samples.png"))
-    assert figure.height == 3 * 2 * 32  # three rows of 28-pixel digits with their 2-pixel border, enlarged 2x
-
-
-def test_model_pt_holds_half_precision_weights_that_load_as_the_model(mnist, tmp_path):
-    out = str(tmp_path / "run")
-    run_flow(*tiny_flow_args(mnist, out, "--epochs", 1))
-    weights = torch.load(os.path.join(out, "model.pt"), weights_only=True)
-    assert set(weights) == {"script", "epoch", "args", "model"} and weights["epoch"] == 1
-    assert all(v.dtype == torch.float16 for v in weights["model"].values() if v.is_floating_point())
-    full = flow.load_checkpoint(os.path.join(out, "ckpt.pt")).state_dict()
-    half = flow.load_checkpoint(os.path.join(out, "model.pt")).state_dict()
-    for name in full:
-        assert half[name].dtype == full[name].dtype
-        assert torch.allclose(half[name], full[name], rtol=1e-3, atol=1e-4)
+    # the second row by a second path: 20 samples (2 of each digit) from the seed 180, scored by hand
+    labels, classifier = torch.arange(20) % 10, pixel_classifier()
+    x = flow.sample(flow.load_checkpoint(ckpt), 20, labels, steps=2, guidance=3.0, seed=180).clamp(0, 1)
+    accuracy, confidence, features = flow.score(classifier, x, labels)
+    digits = lambda limit, train: flow.load_mnist(mnist, "cpu", limit, train)[0].unsqueeze(1) / 255
+    real = flow.score(classifier, digits(None, False))[2]
+    fd = flow.frechet_distance(features, real)
+    floor = flow.frechet_distance(flow.score(classifier, digits(20, True))[2], real)
+    assert rows[1][4:8] == [f"{accuracy:.4f}", f"{confidence:.4f}", f"{fd:.2f}", f"{floor:.2f}"]
 
 
 @pytest.mark.parametrize("run, solver", [("flow_class", "midpoint"), ("ddpm_class", "ddim")])
@@ -499,6 +761,22 @@ def test_committed_time_weights_draw_varied_digits(mnist):
     assert distances.min(1).values.mean() <= 1.25 * real and len(set(distances.argmin(1).tolist())) >= 7
 
 
+# --- bad input: one clear sentence, a non-zero exit, nothing lost ---------------------
+
+
+@pytest.mark.parametrize("argv,says", [
+    (["--cond", "pixel"], "invalid choice"),
+    (["--epochs", "0"], "at least 1"),
+    (["--batch-size", "-3"], "at least 1"),
+    (["--p-uncond", "1.5"], "--p-uncond"),
+    (["--device", "tpu"], "invalid choice"),
+    (["--sample-only", "--guidance", "1,5", "--gif"], "--gif animates one grid"),
+    (["--evaluate", "10", "--gif"], "--gif animates one grid"),
+])
+def test_bad_flags_are_refused(capsys, argv, says):
+    assert says in flow_error(capsys, *argv)
+
+
 @pytest.mark.parametrize("value", ["1,,x", "fast", ""])
 def test_bad_lists_are_refused(capsys, value):
     assert "comma-separated" in flow_error(capsys, "--sample-only", "--guidance", value)
@@ -508,65 +786,19 @@ def test_lists_are_refused_for_training(capsys):
     assert "--sample-only and --evaluate" in flow_error(capsys, "--steps", "10,20")
 
 
-@pytest.mark.parametrize("method", ["flow", "ddpm"])
-def test_resume_reproduces_an_uninterrupted_run(mnist, tmp_path, monkeypatch, method):
-    whole, broken = str(tmp_path / "whole"), str(tmp_path / "broken")
-    args = ("--epochs", 2, "--sample-epochs", "1", "--method", method)
-    run_flow(*tiny_flow_args(mnist, whole, *args))
-
-    def crash(*a, **k):
-        raise KeyboardInterrupt  # the machine goes down right after the epoch-1 checkpoint
-
-    monkeypatch.setattr(flow, "sample_grid", crash)
-    with pytest.raises(KeyboardInterrupt):
-        run_flow(*tiny_flow_args(mnist, broken, *args))
-    monkeypatch.undo()
-    assert torch.load(os.path.join(broken, "ckpt.pt"), weights_only=True)["epoch"] == 1
-    run_flow(*tiny_flow_args(mnist, broken, *args, "--resume", os.path.join(broken, "ckpt.pt")))
-    a = torch.load(os.path.join(whole, "ckpt.pt"), weights_only=True)
-    b = torch.load(os.path.join(broken, "ckpt.pt"), weights_only=True)
-    assert a["losses"] == b["losses"]
-    for name in a["model"]:
-        assert torch.equal(a["model"][name], b["model"][name]), name
-    assert open(os.path.join(whole, "loss.csv")).read() == open(os.path.join(broken, "loss.csv")).read()
-
-
-# --- bad input: one clear sentence, a non-zero exit, nothing lost ------------------
-
-
-@pytest.mark.parametrize("argv,says", [
-    (["--cond", "pixel"], "invalid choice"),
-    (["--epochs", "0"], "at least 1"),
-    (["--batch-size", "-3"], "at least 1"),
-    (["--p-uncond", "1.5"], "--p-uncond"),
-    (["--device", "tpu"], "invalid choice"),
-])
-def test_bad_flags_are_refused(capsys, argv, says):
-    assert says in flow_error(capsys, *argv)
-
-
-def test_missing_mnist_names_the_files(tmp_path, capsys):
-    message = flow_error(capsys, "--data", tmp_path / "nowhere", "--out", tmp_path / "out", "--epochs", 1)
-    assert "train-images-idx3-ubyte" in message and "MNIST" in message
-
-
 def test_unwritable_out_is_refused(tmp_path, capsys):
     (tmp_path / "file").write_text("not a folder")
     assert "cannot write to --out" in flow_error(capsys, "--out", tmp_path / "file" / "run")
 
 
-def test_an_existing_run_is_not_overwritten(mnist, tmp_path, capsys):
-    out = str(tmp_path / "run")
-    run_flow(*tiny_flow_args(mnist, out, "--epochs", 1))
-    before = open(os.path.join(out, "ckpt.pt"), "rb").read()
-    assert "--resume" in flow_error(capsys, *tiny_flow_args(mnist, out, "--epochs", 1))
-    assert open(os.path.join(out, "ckpt.pt"), "rb").read() == before
+def test_an_existing_run_is_not_overwritten(mnist, class_run, capsys):
+    before = open(os.path.join(class_run, "ckpt.pt"), "rb").read()
+    assert "--resume" in flow_error(capsys, *tiny_flow_args(mnist, class_run, "--epochs", 1))
+    assert open(os.path.join(class_run, "ckpt.pt"), "rb").read() == before
 
 
-def test_broken_checkpoints_are_refused(mnist, tmp_path, capsys):
-    out = str(tmp_path / "run")
-    run_flow(*tiny_flow_args(mnist, out, "--epochs", 1))
-    good = os.path.join(out, "ckpt.pt")
+def test_broken_checkpoints_are_refused(mnist, class_run, tmp_path, capsys):
+    good = os.path.join(class_run, "ckpt.pt")
     truncated, garbage, tensor = (str(tmp_path / n) for n in ("truncated.pt", "garbage.pt", "tensor.pt"))
     open(truncated, "wb").write(open(good, "rb").read()[:5000])
     open(garbage, "wb").write(b"hello, not a checkpoint")
@@ -605,155 +837,20 @@ def test_a_diverging_loss_stops_and_keeps_the_last_good_checkpoint(mnist, tmp_pa
     assert open(ckpt_path, "rb").read() == before
 
 
-# --- denoise.py -------------------------------------------------------------------
+# --- each script stands alone ---------------------------------------------------------
 
 
-def run_denoise(*argv):
-    denoise.main([str(a) for a in argv])
-
-
-def tiny_denoise_args(mnist, out, *extra):
-    return ["--data", mnist, "--out", out, "--hidden", 8, "--limit", 64, "--batch-size", 32, "--log-every", 1,
-            "--seed", 1, *extra]
-
-
-def test_denoiser_shapes_and_parameter_count():
-    assert denoise.UNet(8)(torch.randn(2, 1, 28, 28)).shape == (2, 1, 28, 28)
-    assert sum(p.numel() for p in denoise.UNet(128).parameters()) == 7_891_073
-
-
-def test_noising_adds_gaussian_noise_of_std_sigma():
-    torch.manual_seed(0)
-    x = torch.rand(64, 1, 28, 28)
-    for sigma in (0.0, 0.5, 1.0):
-        z = denoise.add_noise(x, sigma)
-        assert abs((z - x).std().item() - sigma) < 0.01 and abs((z - x).mean().item()) < 0.01
-    eps = denoise.add_noise(x, 0.5, pure_noise=True)  # the blank canvas: no trace of x
-    correlation = torch.corrcoef(torch.stack([eps.flatten(), x.flatten()]))[0, 1]
-    assert abs(eps.std().item() - 1) < 0.01 and abs(correlation) < 0.02
-
-
-class Identity(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.unused = torch.nn.Parameter(torch.zeros(()))
-
-    def forward(self, z):
-        return z
-
-
-def test_evaluate_knows_the_mse_of_doing_nothing():
-    images = torch.randint(0, 256, (1000, 28, 28), dtype=torch.uint8)
-    mse, mean_output = denoise.evaluate(Identity(), images, sigma=0.5)
-    assert mse == pytest.approx(0.25, rel=0.01)  # E|z - x|^2 = sigma^2 per pixel
-    assert denoise.psnr(mse) == pytest.approx(10 * math.log10(4), abs=0.05)
-    assert (mean_output - denoise.to_float(images).mean(0)).abs().mean() < 0.02  # noise averages out
-
-
-def test_denoiser_loss_falls_when_overfitting_one_batch():
-    torch.manual_seed(0)
-    model = denoise.UNet(8)
-    x = torch.rand(16, 1, 28, 28).round()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(40):
-        torch.manual_seed(1)  # the same noise every step
-        loss = denoise.denoising_loss(model, x, 0.5)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.25 * losses[0], losses
-
-
-def test_denoise_runs_write_every_figure(mnist, tmp_path):
-    out, pure = str(tmp_path / "denoise"), str(tmp_path / "pure")
-    run_denoise(*tiny_denoise_args(mnist, out, "--epochs", 2))
-    assert sorted(os.listdir(out)) == ["ckpt.pt", "denoised_epoch01.png", "denoised_epoch02.png", "loss.csv",
-                                       "loss.png", "metrics.csv", "noising.png", "ood.png"]
-    metrics = list(csv.DictReader(open(os.path.join(out, "metrics.csv"))))
-    assert [float(r["sigma"]) for r in metrics] == [0.5, 0.5] + denoise.SIGMAS  # 2 epochs, then every sigma
-    # the same test at sigma 0.5
-    assert metrics[1]["test_mse"] == metrics[2 + denoise.SIGMAS.index(0.5)]["test_mse"]
-    assert all(float(r["test_psnr_db"]) == pytest.approx(10 * math.log10(1 / float(r["test_mse"])), rel=1e-4)
-               for r in metrics)
-    assert len(list(csv.DictReader(open(os.path.join(out, "loss.csv"))))) == 2 * 2
-    for name in ("noising.png", "ood.png", "denoised_epoch02.png"):
-        Image.open(os.path.join(out, name)).verify()
-
-    run_denoise(*tiny_denoise_args(mnist, pure, "--epochs", 1, "--pure-noise"))
-    assert sorted(os.listdir(pure)) == ["ckpt.pt", "loss.csv", "loss.png", "mean_image.png", "metrics.csv",
-                                        "pure_noise_epoch01.png"]
-    row = next(csv.DictReader(open(os.path.join(pure, "metrics.csv"))))
-    assert float(row["mean_output_vs_mean_image_mse"]) >= 0
-
-
-def test_denoise_resume_reproduces_an_uninterrupted_run(mnist, tmp_path, monkeypatch):
-    whole, broken = str(tmp_path / "whole"), str(tmp_path / "broken")
-    run_denoise(*tiny_denoise_args(mnist, whole, "--epochs", 2))
-
-    def crash(*a, **k):
-        raise KeyboardInterrupt  # the machine goes down right after the epoch-1 checkpoint
-
-    monkeypatch.setattr(denoise, "epoch_figure", crash)
-    with pytest.raises(KeyboardInterrupt):
-        run_denoise(*tiny_denoise_args(mnist, broken, "--epochs", 2))
-    monkeypatch.undo()
-    run_denoise(*tiny_denoise_args(mnist, broken, "--epochs", 2, "--resume", os.path.join(broken, "ckpt.pt")))
-    a = torch.load(os.path.join(whole, "ckpt.pt"), weights_only=True)
-    b = torch.load(os.path.join(broken, "ckpt.pt"), weights_only=True)
-    assert a["losses"] == b["losses"] and a["metrics"] == b["metrics"]
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-
-
-def denoise_error(capsys, *argv):
-    with pytest.raises(SystemExit) as e:
-        run_denoise(*argv)
-    assert e.value.code != 0
-    return str(e.value.code) if isinstance(e.value.code, str) else capsys.readouterr().err
-
-
-def test_denoise_bad_input_is_refused(mnist, tmp_path, capsys):
-    assert "--sigma" in denoise_error(capsys, "--sigma", "-1")
-    assert "at least 1" in denoise_error(capsys, "--epochs", "0")
-    assert "positive" in denoise_error(capsys, "--lr", "0")
-    message = denoise_error(capsys, "--data", tmp_path / "none", "--out", tmp_path / "o")
-    assert "train-images-idx3-ubyte" in message
-    (tmp_path / "file").write_text("")
-    assert "cannot write to --out" in denoise_error(capsys, "--out", tmp_path / "file" / "x")
-    nan_run = tiny_denoise_args(mnist, tmp_path / "nan", "--epochs", 1, "--lr", 1e30)
-    assert "at step" in denoise_error(capsys, *nan_run)
-    flow_run = str(tmp_path / "flow")
-    run_flow(*tiny_flow_args(mnist, flow_run, "--epochs", 1))
-    flow_ckpt = os.path.join(flow_run, "ckpt.pt")
-    message = denoise_error(capsys, *tiny_denoise_args(mnist, tmp_path / "d", "--resume", flow_ckpt))
-    assert "not a denoise.py checkpoint" in message
-    run_denoise(*tiny_denoise_args(mnist, tmp_path / "d1", "--epochs", 1))
-    message = denoise_error(capsys, *tiny_denoise_args(mnist, tmp_path / "d2", "--epochs", 1, "--pure-noise",
-                                                       "--resume", tmp_path / "d1" / "ckpt.pt"))
-    assert "--pure-noise False" in message
-
-
-def test_benchmark_reports_speed_and_writes_nothing(mnist, tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    flow.main(["--benchmark", "--data", mnist, "--hidden", "8", "--limit", "256", "--batch-size", "8",
-               "--steps", "2"])
-    line = capsys.readouterr().out.splitlines()[-1]
-    assert line.startswith("benchmark on cpu") and "images/s" in line and " s per " in line
-    assert os.listdir(tmp_path) == []
-
-
-@pytest.mark.parametrize("script", ["denoise.py", "flow.py"])
-def test_each_script_runs_copied_alone_into_an_empty_folder(script, mnist, tmp_path):
+@pytest.mark.parametrize("script, out", [("denoise.py", "denoise"), ("flow.py", "flow_class")])
+def test_each_script_runs_copied_alone_into_an_empty_folder(script, out, mnist, tmp_path):
     shutil.copy(os.path.join(HERE, script), tmp_path)
-    argv = ["--data", mnist, "--out", "run", "--hidden", "8", "--limit", "64", "--batch-size", "32",
-            "--epochs", "1"]
+    argv = ["--data", mnist, "--hidden", "8", "--limit", "64", "--batch-size", "32", "--epochs", "1",
+            "--device", "cpu"]
     argv += ["--steps", "2"] if script == "flow.py" else []
     result = subprocess.run([sys.executable, script, *argv], cwd=tmp_path, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr
-    assert sorted(os.listdir(tmp_path)) == sorted([script, "run"])
-    assert "ckpt.pt" in os.listdir(tmp_path / "run")
+    assert sorted(os.listdir(tmp_path)) == sorted([script, "runs"])  # a run's outputs go to runs/ by default
+    assert "ckpt.pt" in os.listdir(tmp_path / "runs" / out)
 
 
 def test_the_shared_pieces_are_identical_in_both_scripts():
