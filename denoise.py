@@ -1,8 +1,8 @@
 """
 One-step denoising on MNIST, the warm-up before flow matching (part 1 of the assignment).
 
-A UNet D_theta maps a noisy digit z = x + sigma eps (B.2) back to the clean digit x, trained
-by L2 regression (B.1). Trained at sigma = 0.5 it removes that noise well, and less well at
+A UNet D_theta maps a noisy digit z = x + sigma eps (eq. B.2) back to the clean digit x, trained
+by L2 regression (eq. B.1). Trained at sigma = 0.5 it removes that noise well, and less well at
 noise levels it never saw. Asked to turn pure noise z = eps into a digit (--pure-noise), it
 can only answer with the average training image: z carries no information about x, and the
 prediction that minimises the expected squared error is then E[x]. Generating digits needs
@@ -29,7 +29,7 @@ import torchvision
 from PIL import Image, ImageDraw, ImageFont
 
 SCRIPT = "denoise.py"  # written into every checkpoint; read_checkpoint accepts only its own
-SIGMAS = [0.0, 0.2, 0.4, 0.5, 0.6, 0.8, 1.0]  # the noise levels of the figures (B.2)
+SIGMAS = [0.0, 0.2, 0.4, 0.5, 0.6, 0.8, 1.0]  # the noise levels of the figures (eq. B.2)
 
 # --- building blocks (the assignment's standard UNet operations) -------------
 
@@ -82,7 +82,7 @@ class UNet(nn.Module):
         return self.conv_out(torch.cat([e0, h2], 1))  # 1 x 28 x 28
 
 
-# --- data, noising, the loss (B.1) and evaluation ----------------------------
+# --- data, noising, the loss (eq. B.1) and evaluation -------------------------
 
 
 def load_mnist(root, device, limit=None, train=True):
@@ -98,13 +98,13 @@ def load_mnist(root, device, limit=None, train=True):
 
 
 def add_noise(x, sigma, pure_noise=False, generator=None):
-    """z = x + sigma eps (B.2), or the blank canvas z = eps when pure_noise."""
+    """z = x + sigma eps (eq. B.2), or the blank canvas z = eps when pure_noise."""
     eps = torch.randn(x.shape, device=x.device, generator=generator)
     return eps if pure_noise else x + sigma * eps
 
 
 def denoising_loss(model, x, sigma, pure_noise=False):
-    """The L2 loss of B.1 on fresh noise: every epoch sees new noisy versions of each digit."""
+    """The L2 loss of eq. B.1 on fresh noise: every epoch sees new noisy versions of each digit."""
     return F.mse_loss(model(add_noise(x, sigma, pure_noise)), x)
 
 
@@ -239,8 +239,8 @@ def figure(rows, row_labels, col_labels=None, title=None, scale=3):
 
 
 @torch.inference_mode()
-def sigma_figure(x, model=None, title="z = x + sigma * eps (B.2)"):
-    """The digits in x at every sigma of SIGMAS (B.2) and, given a model, denoised in the row below."""
+def sigma_figure(x, model=None, title="z = x + sigma * eps (eq. B.2)"):
+    """The digits in x at every sigma of SIGMAS (eq. B.2) and, given a model, denoised in the row below."""
     g = torch.Generator(x.device).manual_seed(0)
     rows, labels = [], []
     for i, digit in enumerate(x):

@@ -2,8 +2,8 @@
 Flow matching on MNIST, from scratch, in one file.
 
 A UNet u_theta(x_t, t, c) learns the velocity of straight paths from Gaussian noise x0 to
-digits x1: x_t = (1 - t) x0 + t x1 moves at u = x1 - x0 (B.3, B.4), so training is plain
-regression (B.5). Sampling integrates dx/dt = u_theta from t = 0 (noise) to t = 1 (a digit)
+digits x1: x_t = (1 - t) x0 + t x1 moves at u = x1 - x0 (eq. B.3, B.4), so training is plain
+regression (eq. B.5). Sampling integrates dx/dt = u_theta from t = 0 (noise) to t = 1 (a digit)
 with Euler steps; with classes, classifier-free guidance mixes the conditional and
 unconditional velocities. Architecture, algorithms and defaults follow the course assignment;
 --method ddpm trains DDPM, the assignment's optional extension, on the same UNet to compare.
@@ -105,11 +105,11 @@ class UNet(nn.Module):
         return self.conv_out(torch.cat([e0, h2], 1))  # 1 x 28 x 28
 
 
-# --- flow matching: the loss (Algorithms B.1 and B.3) and the solver steps (B.2 and B.4) ---
+# --- flow matching: the loss (Algorithms B.1, B.3) and the solver steps (Algorithms B.2, B.4) ---
 
 
 def class_input(model, labels, p_uncond):
-    """Training's one-hot classes, each dropped to c = 0 with probability p_uncond (B.3); None without."""
+    """Training's one-hot classes, each dropped to c = 0 with probability p_uncond (Alg. B.3); or None."""
     if labels is None:
         return None
     keep = torch.rand(len(labels), 1, device=labels.device) >= p_uncond
@@ -117,10 +117,10 @@ def class_input(model, labels, p_uncond):
 
 
 def flow_matching_loss(model, x1, labels=None, p_uncond=0.1):
-    """Mean squared error between u_theta(x_t, t, c) and the path's velocity x1 - x0 (B.5)."""
+    """Mean squared error between u_theta(x_t, t, c) and the path's velocity x1 - x0 (eq. B.5)."""
     x0 = torch.randn_like(x1)
     t = torch.rand(x1.shape[0], 1, device=x1.device)
-    x_t = (1 - t[:, :, None, None]) * x0 + t[:, :, None, None] * x1  # B.3
+    x_t = (1 - t[:, :, None, None]) * x0 + t[:, :, None, None] * x1  # eq. B.3
     return F.mse_loss(model(x_t, t, class_input(model, labels, p_uncond)), x1 - x0)
 
 
@@ -128,7 +128,7 @@ def flow_step(predict, x, i, steps, solver, generator=None):
     """One step of dx/dt = u_theta(x, t) from t = i / steps to (i + 1) / steps."""
     dt = 1.0 / steps
     t = i * dt
-    if solver == "euler":  # B.2, B.4
+    if solver == "euler":  # Algorithms B.2, B.4
         return x + dt * predict(x, t)
     return x + dt * predict(x + dt / 2 * predict(x, t), t + dt / 2)  # midpoint: the slope at half a step
 
@@ -198,7 +198,7 @@ def sample(model, num_samples, labels=None, steps=50, guidance=5.0, seed=0, solv
         c = F.one_hot(labels.to(device), model.num_classes).float()
         c = torch.cat([c, torch.zeros_like(c)])
 
-    def predict(x, t):  # the velocity or the noise, guided: u_uncond + gamma (u_cond - u_uncond), B.4
+    def predict(x, t):  # the velocity or the noise, guided: u_uncond + gamma (u_cond - u_uncond), Alg. B.4
         t = torch.full((x.shape[0], 1), t, device=device)
         if labels is None:
             return model(x, t).float()
@@ -668,7 +668,7 @@ def main(argv=None):
     add("--method", choices=["flow", "ddpm"], default="flow", help="flow matching or DDPM (default: flow)")
     add("--cond", choices=["time", "class"], default="class", help="time, or time and digit (default: class)")
     add("--hidden", type=positive(int), default=64, metavar="D", help="UNet width D (default: %(default)s)")
-    add("--p-uncond", type=float, default=0.1, help="class dropout in training, B.3 (default: %(default)s)")
+    add("--p-uncond", type=float, default=0.1, help="class dropout, Alg. B.3 (default: %(default)s)")
     # optimisation
     add("--epochs", type=positive(int), default=10, metavar="N", help="epochs (default: 10; ddpm 20)")
     add("--batch-size", type=positive(int), default=64, metavar="N", help="batch (default: 64; ddpm 128)")
@@ -677,7 +677,7 @@ def main(argv=None):
     add("--ema", type=float, default=0, metavar="DECAY", help="sample from an EMA, e.g. 0.999 (default: off)")
     # sampling
     add("--steps", type=number_list(positive(int)), metavar="N", help="steps (default: 50; class, ddpm 300)")
-    add("--guidance", type=number_list(float), default=[5.0], metavar="G", help="gamma of B.4 (default: 5.0)")
+    add("--guidance", type=number_list(float), default=[5.0], metavar="G", help="Alg. B.4 gamma (default: 5)")
     add("--solver", type=number_list(str), help="euler or midpoint; ddpm: ddpm or ddim (default: the first)")
     add("--sample-epochs", type=number_list(positive(int)), default="1,5,10", metavar="LIST",
         help="epochs with a sample grid, and the last (default: 1,5,10; ddpm 1,5,10,20)")
@@ -686,7 +686,7 @@ def main(argv=None):
     add("--data", default="data", help="MNIST root, downloaded if missing (default: %(default)s)")
     add("--out", help="output folder (default: runs/<method>_<cond>)")
     add("--resume", metavar="CKPT", help="continue training from this checkpoint (default: start afresh)")
-    add("--sample-only", action="store_true", help="no training: samples.png from --ckpt (default: off)")
+    add("--sample-only", action="store_true", help="no training: a grid from --ckpt (default: off)")
     add("--evaluate", type=positive(int), metavar="N", help="no training: score N samples (default: off)")
     add("--ckpt", help="checkpoint (or model.pt) to sample or score (default: OUT/ckpt.pt)")
     add("--amp", action="store_true", help="bfloat16 autocast for training and sampling (default: off, fp32)")

@@ -348,7 +348,7 @@ def noise(n, seed):
 def test_euler_steps_equal_a_hand_computed_integration():
     model = Spy()
     x = noise(5, seed=7)
-    for i in range(4):  # x <- x + (1/T) u(x, i/T), B.2
+    for i in range(4):  # x <- x + (1/T) u(x, i/T), Algorithm B.2
         t = i / 4
         x = x + 0.25 * (model.a * x + model.b * t)
     assert torch.allclose(flow.sample(model, 5, steps=4, seed=7), x, atol=1e-6)
