@@ -34,6 +34,8 @@ import torchvision
 from PIL import Image, ImageDraw, ImageFont
 
 SCRIPT = "flow.py"  # written into every checkpoint; read_checkpoint accepts only its own
+# flags newer than some shipped checkpoints, at the values those were trained with
+LATER_FLAGS = {"method": "flow", "sinusoidal_t": False, "time_every_block": False, "logit_normal_t": False}
 
 # --- building blocks (the assignment's standard UNet operations) -------------
 
@@ -66,15 +68,24 @@ class FCBlock(nn.Sequential):  # embeds the conditioning signal t or c
 # --- the conditioned UNet ----------------------------------------------------
 
 
+def time_features(t, n=16):
+    """sin and cos of t at n frequencies from 1 to 1000 radians per unit of t: B x 1 -> B x 2n."""
+    freqs = torch.logspace(0, 3, n, device=t.device)
+    return torch.cat([torch.sin(t * freqs), torch.cos(t * freqs)], 1)
+
+
 class UNet(nn.Module):
     """u_theta(x_t, t, c). num_classes=0 conditions on time only; num_classes=10 adds the
     digit class as a one-hot c, where c = 0 means "no class" (for classifier-free guidance).
-    method says what the output is: the velocity ("flow") or the noise in x_t ("ddpm")."""
+    method says what the output is: the velocity ("flow") or the noise in x_t ("ddpm").
+    The assignment's UNet sees t raw, in two places; two opt-in changes feed it more: sinusoidal_t
+    gives the FCBlocks time_features(t) instead of t, and time_every_block scales and shifts the
+    channels of every encoder and decoder block by amounts made from t."""
 
-    def __init__(self, hidden=64, num_classes=0, method="flow"):
+    def __init__(self, hidden=64, num_classes=0, method="flow", sinusoidal_t=False, time_every_block=False):
         super().__init__()
-        D = hidden
-        self.num_classes, self.method = num_classes, method
+        D, t_dim = hidden, 32 if sinusoidal_t else 1  # time_features: 16 sines and 16 cosines
+        self.num_classes, self.method, self.sinusoidal_t = num_classes, method, sinusoidal_t
         self.conv_in = ConvBlock(1, D)
         self.down1 = DownBlock(D, D)
         self.down2 = DownBlock(D, 2 * D)
@@ -83,15 +94,28 @@ class UNet(nn.Module):
         self.up1 = UpBlock(4 * D, D)
         self.up2 = UpBlock(2 * D, D)
         self.conv_out = nn.Sequential(ConvBlock(2 * D, D), nn.Conv2d(D, 1, 3, 1, 1))
-        self.fc1_t, self.fc2_t = FCBlock(1, 2 * D), FCBlock(1, D)
+        self.fc1_t, self.fc2_t = FCBlock(t_dim, 2 * D), FCBlock(t_dim, D)
         if num_classes:
             self.fc1_c, self.fc2_c = FCBlock(num_classes, 2 * D), FCBlock(num_classes, D)
+        self.film = None  # time_every_block: per-channel scale and shift for conv_in, down1, down2, up1, up2
+        if time_every_block:  # made zero at first: training starts from the assignment's network
+            self.film = nn.ModuleList(nn.Linear(t_dim, 2 * n) for n in (D, D, 2 * D, D, D))
+            for layer in self.film:
+                nn.init.zeros_(layer.weight), nn.init.zeros_(layer.bias)
+
+    def time_film(self, i, h, t):
+        """h * (1 + scale) + shift with the scale and shift of block i made from t; h itself by default."""
+        if self.film is None:
+            return h
+        scale, shift = self.film[i](t)[..., None, None].chunk(2, 1)
+        return h * (1 + scale) + shift
 
     def forward(self, x_t, t, c=None):
         # x_t: B x 1 x 28 x 28, t: B x 1 in [0, 1], c: B x num_classes one-hot (or zeros)
-        e0 = self.conv_in(x_t)  # D x 28 x 28
-        e1 = self.down1(e0)  # D x 14 x 14
-        e2 = self.down2(e1)  # 2D x 7 x 7
+        t = time_features(t) if self.sinusoidal_t else t
+        e0 = self.time_film(0, self.conv_in(x_t), t)  # D x 28 x 28
+        e1 = self.time_film(1, self.down1(e0), t)  # D x 14 x 14
+        e2 = self.time_film(2, self.down2(e1), t)  # 2D x 7 x 7
         mid = self.unflatten(self.flatten(e2))  # 2D x 7 x 7
         t1, t2 = self.fc1_t(t)[..., None, None], self.fc2_t(t)[..., None, None]
         if self.num_classes:
@@ -100,9 +124,15 @@ class UNet(nn.Module):
         else:
             mid = mid * t1
         h1 = self.up1(torch.cat([e2, mid], 1))  # D x 14 x 14
-        h1 = c2 * h1 + t2 if self.num_classes else h1 * t2
-        h2 = self.up2(torch.cat([e1, h1], 1))  # D x 28 x 28
+        h1 = self.time_film(3, c2 * h1 + t2 if self.num_classes else h1 * t2, t)
+        h2 = self.time_film(4, self.up2(torch.cat([e1, h1], 1)), t)  # D x 28 x 28
         return self.conv_out(torch.cat([e0, h2], 1))  # 1 x 28 x 28
+
+
+def build_unet(settings):
+    """The UNet that a run's flags describe: vars(args), or the args saved in a checkpoint."""
+    return UNet(settings["hidden"], 10 if settings["cond"] == "class" else 0, settings["method"],
+                settings["sinusoidal_t"], settings["time_every_block"])
 
 
 # --- flow matching: the loss (Algorithms B.1, B.3) and the solver steps (Algorithms B.2, B.4) ---
@@ -116,10 +146,14 @@ def class_input(model, labels, p_uncond):
     return F.one_hot(labels, model.num_classes).float() * keep
 
 
-def flow_matching_loss(model, x1, labels=None, p_uncond=0.1):
-    """Mean squared error between u_theta(x_t, t, c) and the path's velocity x1 - x0 (eq. B.5)."""
+def flow_matching_loss(model, x1, labels=None, p_uncond=0.1, logit_normal_t=False):
+    """Mean squared error between u_theta(x_t, t, c) and the path's velocity x1 - x0 (eq. B.5).
+    t is uniform, or with logit_normal_t sigmoid(N(0, 1)): more often near 1/2 than near 0 or 1."""
     x0 = torch.randn_like(x1)
-    t = torch.rand(x1.shape[0], 1, device=x1.device)
+    if logit_normal_t:
+        t = torch.randn(x1.shape[0], 1, device=x1.device).sigmoid()
+    else:
+        t = torch.rand(x1.shape[0], 1, device=x1.device)
     x_t = (1 - t[:, :, None, None]) * x0 + t[:, :, None, None] * x1  # eq. B.3
     return F.mse_loss(model(x_t, t, class_input(model, labels, p_uncond)), x1 - x0)
 
@@ -245,7 +279,9 @@ def update_ema(ema, model, decay):
 def train_epoch(model, optimizer, x_all, y_all, epoch, args, ema=None):
     """One pass over the images in a fresh random order, `ema` (if any) following the weights.
     Returns the per-step losses; stops at the first log step that finds one non-finite."""
-    device, loss_fn = x_all.device, ddpm_loss if args.method == "ddpm" else flow_matching_loss
+    device, loss_fn = x_all.device, ddpm_loss
+    if args.method == "flow":
+        loss_fn = functools.partial(flow_matching_loss, logit_normal_t=args.logit_normal_t)
     model.train()
     steps = len(x_all) // args.batch_size  # the last partial batch is dropped
     perm = torch.randperm(len(x_all), device=device)
@@ -284,8 +320,8 @@ def resume(args, model, optimizer, scheduler, ema):
     """Load args.resume into the model, optimizer, scheduler, EMA and the random streams.
     Returns the losses and learning rates so far and the epoch to continue with."""
     ckpt = read_checkpoint(args.resume, next(model.parameters()).device)
-    saved = {"method": "flow", **ckpt["args"]}  # checkpoints from before --method hold flow models
-    for key in ("method", "cond", "hidden", "batch_size", "epochs", "limit", "ema"):
+    saved = {**LATER_FLAGS, **ckpt["args"]}
+    for key in ("cond", "hidden", "batch_size", "epochs", "limit", "ema", *LATER_FLAGS):
         old, new, flag = saved.get(key), getattr(args, key), "--" + key.replace("_", "-")
         if old != new:
             raise ValueError(f"{args.resume} was trained with {flag} {old}, not {new}: "
@@ -325,8 +361,7 @@ def benchmark(model, optimizer, x_all, y_all, args, steps=30):
 
 def train(args, device):
     # channels-last memory suits the convolution kernels of CPUs and GPUs alike
-    model = UNet(args.hidden, 10 if args.cond == "class" else 0, args.method)
-    model = model.to(device, memory_format=torch.channels_last)
+    model = build_unet(vars(args)).to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, 0.1 ** (1 / args.epochs))  # once an epoch
     ema = copy.deepcopy(model).requires_grad_(False) if args.ema else None  # sampled from instead of model
@@ -480,8 +515,7 @@ def read_checkpoint(path, device="cpu"):
 def load_checkpoint(path, device="cpu"):
     """The UNet saved in a flow.py checkpoint (its EMA weights if it has them), on `device`, in eval mode."""
     ckpt = read_checkpoint(path, device)
-    saved = {"method": "flow", **ckpt["args"]}  # checkpoints from before --method hold flow models
-    model = UNet(saved["hidden"], 10 if saved["cond"] == "class" else 0, saved["method"])
+    model = build_unet({**LATER_FLAGS, **ckpt["args"]})
     try:
         model.load_state_dict(ckpt.get("ema") or ckpt["model"])  # the averaged weights if trained with --ema
     except RuntimeError as e:
@@ -669,6 +703,10 @@ def main(argv=None):
     add("--cond", choices=["time", "class"], default="class", help="time, or time and digit (default: class)")
     add("--hidden", type=positive(int), default=64, metavar="D", help="UNet width D (default: %(default)s)")
     add("--p-uncond", type=float, default=0.1, help="class dropout, Alg. B.3 (default: %(default)s)")
+    # better time input, opt-in: the assignment's UNet sees t raw, in two places
+    add("--sinusoidal-t", action="store_true", help="feed sin and cos of t at 16 frequencies (default: off)")
+    add("--time-every-block", action="store_true", help="t scales and shifts every block (default: off)")
+    add("--logit-normal-t", action="store_true", help="train on t = sigmoid(N(0, 1)) (default: off)")
     # optimisation
     add("--epochs", type=positive(int), default=10, metavar="N", help="epochs (default: 10; ddpm 20)")
     add("--batch-size", type=positive(int), default=64, metavar="N", help="batch (default: 64; ddpm 128)")
@@ -701,6 +739,8 @@ def main(argv=None):
         args = parser.parse_args(argv)
     if not 0 <= args.p_uncond <= 1:
         parser.error(f"--p-uncond must lie in [0, 1], got {args.p_uncond}")
+    if args.logit_normal_t and args.method == "ddpm":
+        parser.error("--logit-normal-t is for flow matching: DDPM draws t from 1..300")
     no_training = args.sample_only or args.evaluate
     solvers = SOLVERS["flow"] + SOLVERS["ddpm"] if no_training else SOLVERS[args.method]
     if set(args.solver or []) - set(solvers):

@@ -274,6 +274,57 @@ def test_parameter_counts_match_spec():
     assert count(flow.UNet(64, num_classes=10)) == 2_019_201
 
 
+@pytest.mark.parametrize("classes, expected", [(0, [1.53357255, 1.17511284, 0.97756350]),
+                                                (10, [1.51919293, 1.20764816, 0.99511766])])
+def test_default_unet_trains_as_the_assignments_did(classes, expected):
+    """Three Adam steps' losses, measured before the opt-in time changes existed: with them off, the UNet,
+    its initial weights and the loss's random draws are what they were."""
+    torch.manual_seed(0)
+    model = flow.UNet(8, classes)
+    x1 = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(3):
+        loss = flow.flow_matching_loss(model, x1, torch.arange(16) % 10 if classes else None)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses == pytest.approx(expected, rel=1e-5)
+
+
+def test_sinusoidal_t_feeds_sines_and_cosines_of_t():
+    t = torch.tensor([[0.0], [0.25]])
+    features = flow.time_features(t)
+    freqs = 10 ** torch.linspace(0, 3, 16, dtype=torch.float64)  # 1 to 1000, evenly on a log scale
+    assert features.shape == (2, 32)
+    assert torch.equal(features[0], torch.cat([torch.zeros(16), torch.ones(16)]))  # sin 0, cos 0
+    expected = torch.cat([torch.sin(0.25 * freqs), torch.cos(0.25 * freqs)])
+    assert torch.allclose(features[1].double(), expected, atol=1e-5)
+    model = flow.UNet(8, 10, sinusoidal_t=True)
+    assert model.fc1_t[0].in_features == model.fc2_t[0].in_features == 32
+    assert model(torch.randn(3, 1, 28, 28), torch.rand(3, 1), torch.eye(10)[:3]).shape == (3, 1, 28, 28)
+
+
+def test_time_every_block_starts_as_the_plain_unet_then_follows_t():
+    torch.manual_seed(0)
+    film = flow.UNet(8, 10, time_every_block=True).train()
+    plain = flow.UNet(8, 10).train()
+    plain.load_state_dict({k: v for k, v in film.state_dict().items() if not k.startswith("film")})
+    extra = sum(p.numel() for p in film.parameters()) - sum(p.numel() for p in plain.parameters())
+    assert extra == sum(2 * n + 2 * n for n in (8, 8, 16, 8, 8))  # a Linear(1, 2n) per block
+    x_t, c = torch.randn(4, 1, 28, 28), torch.eye(10)[:4]
+    t = torch.tensor([[0.1], [0.4], [0.6], [0.9]])
+    assert torch.equal(film(x_t, t, c), plain(x_t, t, c))  # the scales and shifts start at zero
+    with torch.no_grad():
+        for layer in film.film:
+            layer.weight.normal_()
+    moved = (film(x_t, t, c) - plain(x_t, t, c)).abs().amax((1, 2, 3))
+    assert (moved > 1e-3).all()
+    film(x_t, t, c).square().mean().backward()  # each of the five blocks is modulated, so each learns
+    assert all(layer.weight.grad.abs().sum() > 0 for layer in film.film)
+
+
 def test_time_conditioning_changes_the_output():
     # in training mode: a fresh UNet in eval mode damps the time signal to about 1e-5 of the output
     model = flow.UNet(8).train()
@@ -328,6 +379,18 @@ def test_loss_is_mse_to_the_straight_path_velocity():
     assert torch.allclose(x_t, (1 - t[:, :, None, None]) * x0 + t[:, :, None, None] * x1)
     expected = ((model.a * x_t + model.b * t[:, :, None, None]) - (x1 - x0)).pow(2).mean()
     assert torch.allclose(loss, expected)
+
+
+def test_logit_normal_t_draws_sigmoid_of_a_normal():
+    model, x1 = Spy(), torch.rand(20000, 1, 1, 1)
+    torch.manual_seed(3)
+    flow.flow_matching_loss(model, x1, logit_normal_t=True)
+    torch.manual_seed(3)  # the same draws, in the same order: x0, then t
+    torch.randn(20000, 1, 1, 1)
+    t = model.seen[0][1]
+    assert torch.equal(t, torch.randn(20000, 1).sigmoid())
+    middle = ((t > 0.25) & (t < 0.75)).float().mean().item()  # P(|z| < ln 3) = 0.73; uniform t: 0.50
+    assert middle == pytest.approx(0.73, abs=0.015)
 
 
 def test_label_dropout_zeroes_about_p_uncond_of_the_classes():
@@ -572,6 +635,21 @@ def test_tiny_run_writes_every_output(mnist, tmp_path):
     assert not model.training and model.num_classes == 10
 
 
+def test_time_flags_are_saved_and_rebuild_their_unet(mnist, tmp_path, capsys, monkeypatch):
+    out, drawn = str(tmp_path / "run"), []
+    loss = flow.flow_matching_loss
+    monkeypatch.setattr(flow, "flow_matching_loss", lambda *a, **k: drawn.append(k) or loss(*a, **k))
+    flags = ("--cond", "time", "--sinusoidal-t", "--time-every-block", "--logit-normal-t")
+    run_flow(*tiny_flow_args(mnist, out, "--epochs", 1, *flags))
+    assert drawn == [{"logit_normal_t": True}] * 4  # every training step
+    for name in ("ckpt.pt", "model.pt"):  # the weights load only into the UNet these flags describe
+        model = flow.load_checkpoint(os.path.join(out, name))
+        assert model.sinusoidal_t and len(model.film) == 5 and model.fc1_t[0].in_features == 32
+    message = flow_error(capsys, *tiny_flow_args(mnist, str(tmp_path / "other"), "--epochs", 1, *flags[:-1],
+                                                 "--resume", os.path.join(out, "ckpt.pt")))
+    assert "--logit-normal-t True" in message
+
+
 def test_class_grid_puts_the_four_samples_of_digit_k_in_column_k():
     model = Spy()
     with torch.no_grad():  # u = -x + w[k] and one Euler step from t = 0: the sample is w[k] everywhere
@@ -772,6 +850,7 @@ def test_committed_time_weights_draw_varied_digits(mnist):
     (["--device", "tpu"], "invalid choice"),
     (["--sample-only", "--guidance", "1,5", "--gif"], "--gif animates one grid"),
     (["--evaluate", "10", "--gif"], "--gif animates one grid"),
+    (["--method", "ddpm", "--logit-normal-t"], "--logit-normal-t is for flow matching"),
 ])
 def test_bad_flags_are_refused(capsys, argv, says):
     assert says in flow_error(capsys, *argv)
