@@ -105,12 +105,12 @@ def write_idx(path, data):
 def test_load_mnist_downloads_the_files_it_lacks(tmp_path, monkeypatch):
     """torchvision's own download, checksum and unpacking, from a web server on this machine that
     mirrors a made-up MNIST of 7 train and 3 test digits."""
-    mirror, torch_gen = tmp_path / "mirror", torch.Generator().manual_seed(0)
+    mirror, generator = tmp_path / "mirror", torch.Generator().manual_seed(0)
     mirror.mkdir()
     made, resources = {}, []
     for split, n in (("train", 7), ("t10k", 3)):
-        made[split] = (torch.randint(0, 256, (n, 28, 28), generator=torch_gen, dtype=torch.uint8),
-                       torch.randint(0, 10, (n,), generator=torch_gen, dtype=torch.uint8))
+        made[split] = (torch.randint(0, 256, (n, 28, 28), generator=generator, dtype=torch.uint8),
+                       torch.randint(0, 10, (n,), generator=generator, dtype=torch.uint8))
         for kind, data in zip(("images-idx3", "labels-idx1"), made[split]):
             name = f"{split}-{kind}-ubyte.gz"
             resources.append((name, write_idx(mirror / name, data)))
