@@ -556,9 +556,9 @@ def load_classifier(root, device, epochs=3, batch_size=128):
             scheduler.step()
             if (step + 1) % 100 == 0:
                 print(f"\rtraining the classifier once, for {path}: epoch {epoch + 1}/{epochs}, "
-                      f"step {step + 1}/{steps}, {time.time() - t0:.0f}s", end="", flush=True)
+                      f"step {step + 1}/{steps}, {time.time() - t0:.0f}s", end="", file=sys.stderr)
     accuracy = score(classifier.eval(), x_test.unsqueeze(1) / 255, y_test)[0]
-    print(f"; test accuracy {accuracy:.4f}")
+    print(f"; test accuracy {accuracy:.4f}", file=sys.stderr)  # stdout keeps the table alone
     if accuracy < 0.99:
         raise ValueError(f"the classifier reached only {accuracy:.4f} test accuracy, too little to judge by")
     torch.save(classifier.state_dict(), path)
