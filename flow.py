@@ -268,8 +268,10 @@ def load_mnist(root, device, limit=None, train=True):
 
 
 @torch.no_grad()
-def update_ema(ema, model, decay):
-    """ema <- decay * ema + (1 - decay) * model for the weights; BatchNorm statistics are copied."""
+def update_ema(ema, model, decay, step):
+    """ema <- d * ema + (1 - d) * model for the weights, d = min(decay, (1 + step) / (10 + step)): early
+    steps forget faster, so the random initial weights do not linger; BatchNorm statistics are copied."""
+    decay = min(decay, (1 + step) / (10 + step))
     for e, p in zip(ema.parameters(), model.parameters()):
         e.lerp_(p, 1 - decay)
     for e, b in zip(ema.buffers(), model.buffers()):
@@ -296,7 +298,7 @@ def train_epoch(model, optimizer, x_all, y_all, epoch, args, ema=None):
         loss.backward()
         optimizer.step()
         if ema is not None:
-            update_ema(ema, model, args.ema)
+            update_ema(ema, model, args.ema, (epoch - 1) * steps + step)
         losses[step] = loss.detach()
         if (step + 1) % args.log_every and step + 1 < steps:
             continue

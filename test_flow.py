@@ -452,21 +452,26 @@ def test_solvers_converge_at_their_order_on_a_known_flow(solver, order):
         assert coarse / fine == pytest.approx(2 ** order, rel=0.15), errors
 
 
-def test_ema_of_a_constant_stays_and_follows_a_step_at_its_rate():
+def test_ema_of_a_constant_stays_and_follows_a_step_at_its_rate_after_a_warm_up():
     model, ema = flow.UNet(8), flow.UNet(8)
     ema.load_state_dict(model.state_dict())
     model.train()(torch.randn(4, 1, 28, 28), torch.rand(4, 1))  # BatchNorm statistics move; the weights stay
     for _ in range(5):
-        flow.update_ema(ema, model, 0.9)
+        flow.update_ema(ema, model, 0.9, 10 ** 6)
     assert all(torch.equal(e, p) for e, p in zip(ema.parameters(), model.parameters()))
     start = [p.clone() for p in model.parameters()]
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)  # a step change of +1 in every weight
     for _ in range(10):
-        flow.update_ema(ema, model, 0.9)
+        flow.update_ema(ema, model, 0.9, 10 ** 6)
     for e, s in zip(ema.parameters(), start):  # 1 - 0.9^10 of the way there
         assert torch.allclose(e - s, torch.full_like(s, 1 - 0.9 ** 10), atol=1e-5)
+    for step in range(3):  # steps 0, 1, 2 keep 1/10, 2/11, 3/12 of the average, whatever the decay
+        flow.update_ema(ema, model, 0.999, step)
+    for e, s in zip(ema.parameters(), start):
+        gap = 0.9 ** 10 * (1 / 10) * (2 / 11) * (3 / 12)
+        assert torch.allclose(e - s, torch.full_like(s, 1 - gap), atol=1e-5)
     assert all(torch.equal(e, b) for e, b in zip(ema.buffers(), model.buffers()))
 
 
