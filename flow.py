@@ -484,8 +484,9 @@ def save_progress(epoch, args, model, optimizer, scheduler, losses, lrs, ema=Non
     title = f"{'DDPM' if args.method == 'ddpm' else 'flow matching'}, {args.cond}-conditioned UNet"
     plot_loss(losses, steps, os.path.join(args.out, "loss.png"), title)
     if epoch == args.epochs:  # the sampling weights alone, in half precision: what samples/ ships
-        state = (ema or model).state_dict()
-        weights = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+        net = ema or model  # BatchNorm statistics stay fp32: a running variance can pass fp16's 65504
+        params = dict(net.named_parameters())
+        weights = {k: v.half() if k in params else v for k, v in net.state_dict().items()}
         save_checkpoint(os.path.join(args.out, "model.pt"),
                         {"script": SCRIPT, "epoch": epoch, "args": vars(args), "model": weights})
     save_checkpoint(os.path.join(args.out, "ckpt.pt"), {

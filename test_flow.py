@@ -688,7 +688,10 @@ def test_ema_run_samples_from_the_averaged_weights(mnist, tmp_path):
 def test_model_pt_holds_half_precision_weights_that_load_as_the_model(class_run):
     weights = torch.load(os.path.join(class_run, "model.pt"), weights_only=True)
     assert set(weights) == {"script", "epoch", "args", "model"} and weights["epoch"] == 1
-    assert all(v.dtype == torch.float16 for v in weights["model"].values() if v.is_floating_point())
+    params = dict(flow.load_checkpoint(os.path.join(class_run, "ckpt.pt")).named_parameters())
+    for name, value in weights["model"].items():  # BatchNorm statistics in fp32: a variance may pass 65504
+        if value.is_floating_point():
+            assert value.dtype == (torch.float16 if name in params else torch.float32), name
     full = flow.load_checkpoint(os.path.join(class_run, "ckpt.pt"))
     half = flow.load_checkpoint(os.path.join(class_run, "model.pt"))
     for name, value in full.state_dict().items():
