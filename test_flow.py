@@ -469,8 +469,8 @@ def test_ema_of_a_constant_stays_and_follows_a_step_at_its_rate_after_a_warm_up(
         assert torch.allclose(e - s, torch.full_like(s, 1 - 0.9 ** 10), atol=1e-5)
     for step in range(3):  # steps 0, 1, 2 keep 1/10, 2/11, 3/12 of the average, whatever the decay
         flow.update_ema(ema, model, 0.999, step)
+    gap = 0.9 ** 10 * (1 / 10) * (2 / 11) * (3 / 12)
     for e, s in zip(ema.parameters(), start):
-        gap = 0.9 ** 10 * (1 / 10) * (2 / 11) * (3 / 12)
         assert torch.allclose(e - s, torch.full_like(s, 1 - gap), atol=1e-5)
     assert all(torch.equal(e, b) for e, b in zip(ema.buffers(), model.buffers()))
 
@@ -688,11 +688,11 @@ def test_ema_run_samples_from_the_averaged_weights(mnist, tmp_path):
 def test_model_pt_holds_half_precision_weights_that_load_as_the_model(class_run):
     weights = torch.load(os.path.join(class_run, "model.pt"), weights_only=True)
     assert set(weights) == {"script", "epoch", "args", "model"} and weights["epoch"] == 1
-    params = dict(flow.load_checkpoint(os.path.join(class_run, "ckpt.pt")).named_parameters())
+    full = flow.load_checkpoint(os.path.join(class_run, "ckpt.pt"))
+    params = dict(full.named_parameters())
     for name, value in weights["model"].items():  # BatchNorm statistics in fp32: a variance may pass 65504
         if value.is_floating_point():
             assert value.dtype == (torch.float16 if name in params else torch.float32), name
-    full = flow.load_checkpoint(os.path.join(class_run, "ckpt.pt"))
     half = flow.load_checkpoint(os.path.join(class_run, "model.pt"))
     for name, value in full.state_dict().items():
         assert torch.allclose(half.state_dict()[name], value, rtol=1e-3, atol=1e-4)
