@@ -472,7 +472,24 @@ def test_ema_of_a_constant_stays_and_follows_a_step_at_its_rate_after_a_warm_up(
     gap = 0.9 ** 10 * (1 / 10) * (2 / 11) * (3 / 12)
     for e, s in zip(ema.parameters(), start):
         assert torch.allclose(e - s, torch.full_like(s, 1 - gap), atol=1e-5)
-    assert all(torch.equal(e, b) for e, b in zip(ema.buffers(), model.buffers()))
+    assert all(torch.equal(e, b) for e, b in zip(ema.buffers(), flow.UNet(8).buffers()))  # left alone
+
+
+def test_ema_batchnorm_statistics_are_averaged_over_its_own_activations_off_the_random_stream():
+    torch.manual_seed(0)
+    ema = flow.UNet(8)
+    norm, seen = ema.conv_in[0][1], []  # the first BatchNorm, and what it is given
+    norm.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
+    x_all, y_all = torch.randint(0, 256, (50, 28, 28), dtype=torch.uint8), torch.zeros(50, dtype=torch.long)
+    state = torch.get_rng_state()
+    args = argparse.Namespace(amp=False, p_uncond=0)
+    flow.measure_batchnorm(ema, flow.flow_matching_loss, x_all, y_all, args, batches=3, batch_size=16)
+    assert torch.equal(torch.get_rng_state(), state)  # training goes on as if there were no EMA
+    assert len(seen) == 3 and not ema.training and norm.momentum == 0.1
+    mean = torch.stack([h.mean((0, 2, 3)) for h in seen]).mean(0)  # the plain average of the 3 batches
+    var = torch.stack([h.var((0, 2, 3)) for h in seen]).mean(0)
+    assert torch.allclose(norm.running_mean, mean, atol=1e-6)
+    assert torch.allclose(norm.running_var, var, rtol=1e-5)
 
 
 def test_channels_last_gives_the_plain_result():
