@@ -284,12 +284,13 @@ def measure_batchnorm(ema, loss_fn, x_all, y_all, args, batches=20, batch_size=2
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # a plain average over the batches
+    ema.train()  # BatchNorm normalises by, and records, each batch's own statistics
     with torch.random.fork_rng():  # training draws the same random numbers as without an EMA
         for _ in range(batches):
             idx = torch.randint(len(x_all), (batch_size,), device=x_all.device)
             x = x_all[idx].unsqueeze(1).float() / 255
             with torch.autocast(x.device.type, torch.bfloat16, enabled=args.amp):
-                loss_fn(ema.train(), x, y_all[idx] if ema.num_classes else None, args.p_uncond)
+                loss_fn(ema, x, y_all[idx] if ema.num_classes else None, args.p_uncond)
     for m in norms:
         m.momentum = 0.1
     ema.eval()
