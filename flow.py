@@ -214,10 +214,12 @@ SOLVERS = {"flow": ["euler", "midpoint"], "ddpm": ["ddpm", "ddim"]}  # the first
 
 
 @torch.inference_mode()
-def sample(model, num_samples, labels=None, steps=50, guidance=5.0, seed=0, solver=None, path=None):
+def sample(model, num_samples, labels=None, steps=50, guidance=5.0, seed=0, solver=None, path=None,
+           guide=None):
     """num_samples digits from noise in `steps` steps of `solver`: euler (1 network call a step) or midpoint
     (2) for a flow model, ddpm or ddim (1) for a DDPM model. labels (a LongTensor of digits) turns on
-    classifier-free guidance of weight `guidance`. `path`, if a list, receives x at every step, on the CPU."""
+    classifier-free guidance of weight `guidance`; `guide`, a weaker model of the same kind, autoguidance
+    (a second network call per prediction). `path`, if a list, receives x at every step, on the CPU."""
     known = SOLVERS[model.method]
     solver = solver or known[0]
     if solver not in known:
@@ -228,16 +230,17 @@ def sample(model, num_samples, labels=None, steps=50, guidance=5.0, seed=0, solv
     # a generator of its own, so sampling never shifts the training run's random stream
     generator = torch.Generator(device).manual_seed(seed)
     x = torch.randn(num_samples, 1, 28, 28, device=device, generator=generator)
-    if labels is not None:  # cond and uncond halves of one batch: one network call per prediction
-        c = F.one_hot(labels.to(device), model.num_classes).float()
-        c = torch.cat([c, torch.zeros_like(c)])
+    c = None if labels is None else F.one_hot(labels.to(device), model.num_classes).float()
 
-    def predict(x, t):  # the velocity or the noise, guided: u_uncond + gamma (u_cond - u_uncond), Alg. B.4
+    def predict(x, t):  # the velocity or the noise, guided away from a worse one: u_bad + gamma (u - u_bad)
         t = torch.full((x.shape[0], 1), t, device=device)
-        if labels is None:
+        if guide is not None:  # autoguidance: the worse one is the weaker model's, for the same class
+            u, u_bad = model(x, t, c).float(), guide(x, t, c).float()  # fp32 under --amp
+        elif labels is not None:  # classifier-free, Alg. B.4: the unconditional one, c = 0, in the same batch
+            u, u_bad = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([c, 0 * c])).float().chunk(2)
+        else:
             return model(x, t).float()
-        u_cond, u_uncond = model(torch.cat([x, x]), torch.cat([t, t]), c).float().chunk(2)  # fp32 under --amp
-        return u_uncond + guidance * (u_cond - u_uncond)
+        return u_bad + guidance * (u - u_bad)
 
     for i in range(steps):
         if path is not None:
@@ -428,22 +431,22 @@ def grid_image(x, nrow=10, scale=2):
     return img.resize((img.width * scale, img.height * scale), Image.NEAREST)
 
 
-def sample_grid(model, args, path=None):
+def sample_grid(model, args, path=None, guide=None):
     """The assignment's figure: 40 digits; with classes, column k holds 4 samples of digit k."""
     labels = torch.arange(10).repeat(4) if model.num_classes else None
     with torch.autocast(next(model.parameters()).device.type, torch.bfloat16, enabled=args.amp):
-        x = sample(model, 40, labels, args.steps[0], args.guidance[0], args.seed, args.solver[0], path)
+        x = sample(model, 40, labels, args.steps[0], args.guidance[0], args.seed, args.solver[0], path, guide)
     return grid_image(x)
 
 
-def sweep_figure(model, args):
+def sweep_figure(model, args, guide=None):
     """One row of ten digits (class: 0 to 9) for each solver, steps and guidance listed, all from the
     same starting noise, so that rows differ only by those settings."""
     labels, rows = torch.arange(10) if model.num_classes else None, []
     for solver, steps, guidance in itertools.product(args.solver, args.steps, args.guidance):
         with torch.autocast(next(model.parameters()).device.type, torch.bfloat16, enabled=args.amp):
-            x = sample(model, 10, labels, steps, guidance, args.seed, solver)
-        name = f"{solver}, steps {steps}" + (f", gamma {guidance}" if labels is not None else "")
+            x = sample(model, 10, labels, steps, guidance, args.seed, solver, guide=guide)
+        name = f"{solver}, steps {steps}" + (f", gamma {guidance}" if labels is not None or guide else "")
         rows.append((grid_image(x), name))
     img, draw = canvas(210 + rows[0][0].width, len(rows) * rows[0][0].height)
     for i, (row, label) in enumerate(rows):
@@ -504,11 +507,12 @@ def save_progress(epoch, args, model, optimizer, scheduler, losses, lrs, ema=Non
                      for i, v in enumerate(losses))
     title = f"{'DDPM' if args.method == 'ddpm' else 'flow matching'}, {args.cond}-conditioned UNet"
     plot_loss(losses, steps, os.path.join(args.out, "loss.png"), title)
-    if epoch == args.epochs:  # the sampling weights alone, in half precision: what samples/ ships
+    if epoch in args.sample_epochs or epoch == args.epochs:  # the sampling weights alone, in half precision
         net = ema or model  # BatchNorm statistics stay fp32: a running variance can pass fp16's 65504
         params = dict(net.named_parameters())
         weights = {k: v.half() if k in params else v for k, v in net.state_dict().items()}
-        save_checkpoint(os.path.join(args.out, "model.pt"),
+        name = "model.pt" if epoch == args.epochs else f"model_epoch{epoch:02d}.pt"  # earlier: --autoguide
+        save_checkpoint(os.path.join(args.out, name),
                         {"script": SCRIPT, "epoch": epoch, "args": vars(args), "model": weights})
     save_checkpoint(os.path.join(args.out, "ckpt.pt"), {
         "script": SCRIPT, "epoch": epoch, "args": vars(args), "model": model.state_dict(),
@@ -618,7 +622,7 @@ def frechet_distance(a, b):
             - 2 * sqrtm(root @ s_b @ root).trace()).item()
 
 
-def evaluate(model, args, device, chunk=100):
+def evaluate(model, args, device, guide=None, chunk=100):
     """Score args.evaluate samples: a table row for each solver, steps and guidance listed."""
     classifier, n = load_classifier(args.data, device), args.evaluate
     digits = lambda limit, train: load_mnist(args.data, device, limit, train)[0].unsqueeze(1) / 255
@@ -628,18 +632,18 @@ def evaluate(model, args, device, chunk=100):
     measure = "accuracy" if model.num_classes else "entropy"
     print(f"{n} samples, seed {args.seed}; FD to the 10,000 test digits; floor: FD of {n} train digits\n"
           f"| solver | steps | NFE | guidance | {measure} | confidence | FD | floor | s |\n|" + " ---: |" * 9)
-    guidances = args.guidance if model.num_classes else ["-"]
+    guidances = args.guidance if model.num_classes or guide else ["-"]
     for solver, steps, guidance in itertools.product(args.solver, args.steps, guidances):
         t0, xs = time.time(), []
         for i in range(0, n, chunk):  # in chunks: CPUs run them faster
             with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
                 xs.append(sample(model, min(chunk, n - i), None if labels is None else labels[i:i + chunk],
-                                 steps, guidance, args.seed + i, solver))
+                                 steps, guidance, args.seed + i, solver, guide=guide))
             done = i + len(xs[-1])  # progress on stderr, the table on stdout
             eta = (time.time() - t0) / done * (n - done)
             print(f"{solver}, {steps} steps: {done}/{n} samples, eta {eta:.0f}s", end="\r", file=sys.stderr)
         value, confidence, features = score(classifier, torch.cat(xs).clamp(0, 1), labels)
-        nfe = steps * (2 if solver == "midpoint" else 1)
+        nfe = steps * (2 if solver == "midpoint" else 1) * (2 if guide else 1)
         print(f"| {solver} | {steps} | {nfe} | {guidance} | {value:.4f} | {confidence:.4f} | "
               f"{frechet_distance(features, real):.2f} | {floor:.2f} | {time.time() - t0:.0f} |", flush=True)
 
@@ -651,20 +655,26 @@ def from_checkpoint(args, device):
     """The modes that need no training: --evaluate and --sample-only."""
     model = load_checkpoint(args.ckpt or os.path.join(args.out or default_out(args), "ckpt.pt"), device)
     args.method, args.cond = model.method, "class" if model.num_classes else "time"
+    guide = load_checkpoint(args.autoguide, device) if args.autoguide else None
+    if guide and (guide.method, guide.num_classes) != (model.method, model.num_classes):
+        raise ValueError(f"--autoguide needs a {model.method} {args.cond} model, as --ckpt is: "
+                         f"{args.autoguide} is not one")
     sampling_defaults(args)
     if args.compile:
         model.compile()
+        if guide:
+            guide.compile()
     if args.evaluate:
-        return evaluate(model, args, device)
+        return evaluate(model, args, device, guide)
     out, t_sample, frames = args.out or default_out(args), time.time(), [] if args.gif else None
     prepare_out(out, resume=True)
     swept = [name for name in ("solver", "steps", "guidance") if len(getattr(args, name)) > 1]
     if swept:  # sweep_steps.png, sweep_solver_steps.png, ...: the name says which settings vary
         path = os.path.join(out, "_".join(["sweep"] + swept) + ".png")
-        sweep_figure(model, args).save(path)
+        sweep_figure(model, args, guide).save(path)
     else:
         path = os.path.join(out, "samples.png")
-        sample_grid(model, args, frames).save(path)
+        sample_grid(model, args, frames, guide).save(path)
     if frames:
         save_gif(os.path.join(out, "sampling.gif"), frames)
     print(f"wrote {path} in {time.time() - t_sample:.1f}s")
@@ -740,6 +750,8 @@ def main(argv=None):
     # sampling
     add("--steps", type=number_list(positive(int)), metavar="N", help="steps (default: 50; class, ddpm 300)")
     add("--guidance", type=number_list(float), default=[5.0], metavar="G", help="Alg. B.4 gamma (default: 5)")
+    add("--autoguide", metavar="CKPT", help="guide away from this weaker model, e.g. an earlier epoch's "
+        "model_epochNN.pt, with weight --guidance (default: off)")
     add("--solver", type=number_list(str), help="euler or midpoint; ddpm: ddpm or ddim (default: the first)")
     add("--sample-epochs", type=number_list(positive(int)), default="1,5,10", metavar="LIST",
         help="epochs with a sample grid, and the last (default: 1,5,10; ddpm 1,5,10,20)")
@@ -772,6 +784,8 @@ def main(argv=None):
     sweep = len(args.solver or [0]) * len(args.steps or [0]) * len(args.guidance) > 1
     if sweep and not no_training:
         parser.error("lists of --solver, --steps or --guidance are for --sample-only and --evaluate")
+    if args.autoguide and not no_training:
+        parser.error("--autoguide is for --sample-only and --evaluate")
     if args.gif and (sweep or args.evaluate):
         parser.error("--gif animates one grid: not with --evaluate or lists of settings")
 

@@ -432,6 +432,25 @@ def test_guidance_mixes_conditional_and_unconditional_flows(guidance):
         assert torch.equal(x_t[:5], x_t[5:]) and torch.equal(t[:5], t[5:])
 
 
+@pytest.mark.parametrize("classes", [0, 10])
+def test_autoguidance_moves_away_from_the_guides_prediction(classes):
+    model, guide, mixed, gamma = Spy(classes), Spy(classes), Spy(classes), 3.0
+    with torch.no_grad():  # u is linear in a Spy's parameters: u_guide + gamma (u - u_guide) is a Spy's u
+        guide.a.fill_(-0.2), guide.b.fill_(0.5), guide.w.mul_(-2)
+        for m, p, g in zip(mixed.parameters(), model.parameters(), guide.parameters()):
+            m.copy_(g + gamma * (p - g))
+    labels = torch.tensor([3, 1, 4, 1, 5]) if classes else None
+    got = flow.sample(model, 5, labels, steps=3, guidance=gamma, seed=2, guide=guide)
+    assert torch.allclose(got, flow.sample(mixed, 5, labels, steps=3, guidance=1.0, seed=2), atol=1e-5)
+    assert len(model.seen) == len(guide.seen) == 3  # one call of each a step, with the same input
+    for (x, t, c), (x_g, t_g, c_g) in zip(model.seen, guide.seen):  # the guide is asked for the same class
+        assert torch.equal(x, x_g) and torch.equal(t, t_g)
+        if classes:
+            assert torch.equal(c, torch.eye(10)[labels]) and torch.equal(c_g, c)
+        else:
+            assert c is c_g is None
+
+
 @pytest.mark.parametrize("solver,nfe", [("euler", 1), ("midpoint", 2), ("ddpm", 1), ("ddim", 1)])
 def test_solvers_call_the_network_as_often_as_they_claim(solver, nfe):
     model = Spy(method="ddpm" if solver in flow.SOLVERS["ddpm"] else "flow")
@@ -642,8 +661,10 @@ def test_tiny_run_writes_every_output(mnist, tmp_path):
     rows = list(csv.DictReader(open(os.path.join(out, "loss.csv"))))
     assert len(rows) == 3 * 4 and [int(r["epoch"]) for r in rows[::4]] == [1, 2, 3]
     assert all(float(r["loss"]) > 0 for r in rows)
-    assert sorted(os.listdir(out)) == ["ckpt.pt", "loss.csv", "loss.png", "model.pt", "samples_epoch02.png",
-                                       "samples_epoch03.png", "sampling.gif"]
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "loss.csv", "loss.png", "model.pt", "model_epoch02.pt",
+                                       "samples_epoch02.png", "samples_epoch03.png", "sampling.gif"]
+    saved = [flow.read_checkpoint(os.path.join(out, name)) for name in ("model_epoch02.pt", "model.pt")]
+    assert [s["epoch"] for s in saved] == [2, 3]  # the weights of each grid: earlier ones can guide the last
     grid = Image.open(os.path.join(out, "samples_epoch03.png"))
     assert grid.size == (2 * (10 * 30 + 2), 2 * (4 * 30 + 2))  # 4 rows of 10 digits, enlarged 2x
     gif = Image.open(os.path.join(out, "sampling.gif"))
@@ -841,6 +862,23 @@ def test_evaluate_scores_the_samples_it_draws(class_run, mnist, capsys, monkeypa
     assert rows[1][4:8] == [f"{accuracy:.4f}", f"{confidence:.4f}", f"{fd:.2f}", f"{floor:.2f}"]
 
 
+def test_evaluate_with_a_guide_counts_its_calls_and_a_guide_like_the_model_changes_nothing(
+        mnist, class_run, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(flow, "load_classifier", lambda root, device: pixel_classifier())
+    out = str(tmp_path / "time")
+    run_flow(*tiny_flow_args(mnist, out, "--epochs", 1, "--cond", "time"))
+    ckpt, rows = os.path.join(out, "model.pt"), []
+    for extra in ([], ["--autoguide", ckpt, "--guidance", "2"]):  # u_guide + 2 (u - u_guide) = u
+        capsys.readouterr()
+        run_flow("--evaluate", 20, "--ckpt", ckpt, "--data", mnist, "--steps", 2, "--device", "cpu", *extra)
+        rows.append(capsys.readouterr().out.splitlines()[-1].strip("| ").split(" | "))
+    assert rows[0][:4] == ["euler", "2", "2", "-"] and rows[1][:4] == ["euler", "2", "4", "2.0"]
+    assert rows[1][4:8] == rows[0][4:8]
+    message = flow_error(capsys, "--evaluate", 20, "--ckpt", ckpt, "--autoguide",
+                         os.path.join(class_run, "model.pt"), "--data", mnist)
+    assert "--autoguide needs a flow time model" in message
+
+
 @pytest.mark.parametrize("run, solver", [("flow_class", "midpoint"), ("ddpm_class", "ddim")])
 def test_committed_class_weights_draw_the_digits_asked_for(mnist, run, solver):
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "samples", run, "model.pt")
@@ -876,6 +914,7 @@ def test_committed_time_weights_draw_varied_digits(mnist):
     (["--sample-only", "--guidance", "1,5", "--gif"], "--gif animates one grid"),
     (["--evaluate", "10", "--gif"], "--gif animates one grid"),
     (["--method", "ddpm", "--logit-normal-t"], "--logit-normal-t is for flow matching"),
+    (["--autoguide", "model_epoch05.pt"], "--autoguide is for --sample-only and --evaluate"),
 ])
 def test_bad_flags_are_refused(capsys, argv, says):
     assert says in flow_error(capsys, *argv)
