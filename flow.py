@@ -15,8 +15,9 @@ unconditional velocities. Architecture, algorithms and defaults follow the cours
     python flow.py --method ddpm --cond class      # DDPM: 20 epochs, ancestral sampler (or --solver ddim)
 
 Outputs, in --out (default runs/<method>_<cond>), after every epoch: loss.csv, loss.png and ckpt.pt
-(--resume it after a crash); samples_epochNN.png after the --sample-epochs and the last; model.pt at
-the end. 10 class epochs take 103 min on a 2-core Xeon in fp32, 40 with --amp; --benchmark measures yours.
+(--resume it after a crash); samples_epochNN.png and model_epochNN.pt after the --sample-epochs;
+at the end the last grid and model.pt. 10 class epochs take 103 min on a 2-core Xeon in fp32, 40 with
+--amp; --benchmark measures yours.
 """
 import argparse
 import copy

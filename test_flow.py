@@ -891,10 +891,14 @@ def test_committed_class_weights_draw_the_digits_asked_for(mnist, run, solver):
     assert (nearest == labels).float().mean() >= 0.7
 
 
-def test_committed_time_weights_draw_varied_digits(mnist):
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "samples", "flow_time", "model.pt")
-    assert os.path.getsize(path) <= 5 * 2 ** 20
-    x = flow.sample(flow.load_checkpoint(path), 30, steps=10).clamp(0, 1).flatten(1)
+@pytest.mark.parametrize("run, guide", [("flow_time", None), ("flow_time_better", "model_epoch05.pt")])
+def test_committed_time_weights_draw_varied_digits(mnist, run, guide):
+    folder = os.path.join(HERE, "samples", run)
+    for name in filter(None, ("model.pt", guide)):
+        assert os.path.getsize(os.path.join(folder, name)) <= 5 * 2 ** 20
+    model = flow.load_checkpoint(os.path.join(folder, "model.pt"))
+    guide = guide and flow.load_checkpoint(os.path.join(folder, guide))  # autoguidance: the run after epoch 5
+    x = flow.sample(model, 30, steps=10, guide=guide).clamp(0, 1).flatten(1)
     images, digits = flow.load_mnist(mnist, "cpu", 2000, train=False)
     means = torch.stack([images[digits == k].float().mean(0) / 255 for k in range(10)]).flatten(1)
     real = torch.cdist(images[:300].float().flatten(1) / 255, means).min(1).values.mean()
