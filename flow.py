@@ -663,8 +663,6 @@ def from_checkpoint(args, device):
     sampling_defaults(args)
     if args.compile:
         model.compile()
-        if guide:
-            guide.compile()
     if args.evaluate:
         return evaluate(model, args, device, guide)
     out, t_sample, frames = args.out or default_out(args), time.time(), [] if args.gif else None
