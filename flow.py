@@ -15,9 +15,8 @@ unconditional velocities. Architecture, algorithms and defaults follow the cours
     python flow.py --method ddpm --cond class      # DDPM: 20 epochs, ancestral sampler (or --solver ddim)
 
 Outputs, in --out (default runs/<method>_<cond>), after every epoch: loss.csv, loss.png and ckpt.pt
-(--resume it after a crash); samples_epochNN.png and model_epochNN.pt after the --sample-epochs;
-at the end the last grid and model.pt. 10 class epochs take 103 min on a 2-core Xeon in fp32, 40 with
---amp; --benchmark measures yours.
+(--resume it after a crash); samples_epochNN.png after the --sample-epochs and the last; model.pt at
+the end. 10 class epochs take 103 min on a 2-core Xeon in fp32, 40 with --amp; --benchmark measures yours.
 """
 import argparse
 import copy
@@ -215,9 +214,8 @@ SOLVERS = {"flow": ["euler", "midpoint"], "ddpm": ["ddpm", "ddim"]}  # the first
 
 
 @torch.inference_mode()
-def sample(model, num_samples, labels=None, steps=50, guidance=5.0, seed=0, solver=None, path=None,
-           guide=None):
-    """num_samples digits from noise in `steps` steps of `solver`: euler (1 network call a step) or midpoint
+def sample(model, n, labels=None, steps=50, guidance=5.0, seed=0, solver=None, path=None, guide=None):
+    """n digits from noise in `steps` steps of `solver`: euler (1 network call a step) or midpoint
     (2) for a flow model, ddpm or ddim (1) for a DDPM model. labels (a LongTensor of digits) turns on
     classifier-free guidance of weight `guidance`; `guide`, a weaker model of the same kind, autoguidance
     (a second network call per prediction). `path`, if a list, receives x at every step, on the CPU."""
@@ -230,7 +228,7 @@ def sample(model, num_samples, labels=None, steps=50, guidance=5.0, seed=0, solv
     device = next(model.parameters()).device
     # a generator of its own, so sampling never shifts the training run's random stream
     generator = torch.Generator(device).manual_seed(seed)
-    x = torch.randn(num_samples, 1, 28, 28, device=device, generator=generator)
+    x = torch.randn(n, 1, 28, 28, device=device, generator=generator)
     c = None if labels is None else F.one_hot(labels.to(device), model.num_classes).float()
 
     def predict(x, t):  # the velocity or the noise, guided away from a worse one: u_bad + gamma (u - u_bad)
@@ -508,12 +506,11 @@ def save_progress(epoch, args, model, optimizer, scheduler, losses, lrs, ema=Non
                      for i, v in enumerate(losses))
     title = f"{'DDPM' if args.method == 'ddpm' else 'flow matching'}, {args.cond}-conditioned UNet"
     plot_loss(losses, steps, os.path.join(args.out, "loss.png"), title)
-    if epoch in args.sample_epochs or epoch == args.epochs:  # the sampling weights alone, in half precision
+    if epoch == args.epochs:  # the sampling weights alone, in half precision: what samples/ ships
         net = ema or model  # BatchNorm statistics stay fp32: a running variance can pass fp16's 65504
         params = dict(net.named_parameters())
         weights = {k: v.half() if k in params else v for k, v in net.state_dict().items()}
-        name = "model.pt" if epoch == args.epochs else f"model_epoch{epoch:02d}.pt"  # earlier: --autoguide
-        save_checkpoint(os.path.join(args.out, name),
+        save_checkpoint(os.path.join(args.out, "model.pt"),
                         {"script": SCRIPT, "epoch": epoch, "args": vars(args), "model": weights})
     save_checkpoint(os.path.join(args.out, "ckpt.pt"), {
         "script": SCRIPT, "epoch": epoch, "args": vars(args), "model": model.state_dict(),
@@ -749,8 +746,7 @@ def main(argv=None):
     # sampling
     add("--steps", type=number_list(positive(int)), metavar="N", help="steps (default: 50; class, ddpm 300)")
     add("--guidance", type=number_list(float), default=[5.0], metavar="G", help="Alg. B.4 gamma (default: 5)")
-    add("--autoguide", metavar="CKPT", help="guide away from this weaker model, e.g. an earlier epoch's "
-        "model_epochNN.pt, with weight --guidance (default: off)")
+    add("--autoguide", metavar="CKPT", help="guide away from this weaker model, by --guidance (default: off)")
     add("--solver", type=number_list(str), help="euler or midpoint; ddpm: ddpm or ddim (default: the first)")
     add("--sample-epochs", type=number_list(positive(int)), default="1,5,10", metavar="LIST",
         help="epochs with a sample grid, and the last (default: 1,5,10; ddpm 1,5,10,20)")

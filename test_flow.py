@@ -661,10 +661,8 @@ def test_tiny_run_writes_every_output(mnist, tmp_path):
     rows = list(csv.DictReader(open(os.path.join(out, "loss.csv"))))
     assert len(rows) == 3 * 4 and [int(r["epoch"]) for r in rows[::4]] == [1, 2, 3]
     assert all(float(r["loss"]) > 0 for r in rows)
-    assert sorted(os.listdir(out)) == ["ckpt.pt", "loss.csv", "loss.png", "model.pt", "model_epoch02.pt",
-                                       "samples_epoch02.png", "samples_epoch03.png", "sampling.gif"]
-    saved = [flow.read_checkpoint(os.path.join(out, name)) for name in ("model_epoch02.pt", "model.pt")]
-    assert [s["epoch"] for s in saved] == [2, 3]  # the weights of each grid: earlier ones can guide the last
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "loss.csv", "loss.png", "model.pt", "samples_epoch02.png",
+                                       "samples_epoch03.png", "sampling.gif"]
     grid = Image.open(os.path.join(out, "samples_epoch03.png"))
     assert grid.size == (2 * (10 * 30 + 2), 2 * (4 * 30 + 2))  # 4 rows of 10 digits, enlarged 2x
     gif = Image.open(os.path.join(out, "sampling.gif"))
@@ -891,14 +889,12 @@ def test_committed_class_weights_draw_the_digits_asked_for(mnist, run, solver):
     assert (nearest == labels).float().mean() >= 0.7
 
 
-@pytest.mark.parametrize("run, guide", [("flow_time", None), ("flow_time_better", "model_epoch05.pt")])
+@pytest.mark.parametrize("run, guide", [("flow_time", None), ("flow_time_better", "flow_time_guide")])
 def test_committed_time_weights_draw_varied_digits(mnist, run, guide):
-    folder = os.path.join(HERE, "samples", run)
-    for name in filter(None, ("model.pt", guide)):
-        assert os.path.getsize(os.path.join(folder, name)) <= 5 * 2 ** 20
-    model = flow.load_checkpoint(os.path.join(folder, "model.pt"))
-    guide = guide and flow.load_checkpoint(os.path.join(folder, guide))  # autoguidance: the run after epoch 5
-    x = flow.sample(model, 30, steps=10, guide=guide).clamp(0, 1).flatten(1)
+    path = lambda name: os.path.join(HERE, "samples", name, "model.pt")
+    assert all(os.path.getsize(path(name)) <= 5 * 2 ** 20 for name in filter(None, (run, guide)))
+    model, guide = flow.load_checkpoint(path(run)), guide and flow.load_checkpoint(path(guide))
+    x = flow.sample(model, 30, steps=10, guidance=2.0, guide=guide).clamp(0, 1).flatten(1)  # gamma: if guided
     images, digits = flow.load_mnist(mnist, "cpu", 2000, train=False)
     means = torch.stack([images[digits == k].float().mean(0) / 255 for k in range(10)]).flatten(1)
     real = torch.cdist(images[:300].float().flatten(1) / 255, means).min(1).values.mean()
@@ -918,7 +914,7 @@ def test_committed_time_weights_draw_varied_digits(mnist, run, guide):
     (["--sample-only", "--guidance", "1,5", "--gif"], "--gif animates one grid"),
     (["--evaluate", "10", "--gif"], "--gif animates one grid"),
     (["--method", "ddpm", "--logit-normal-t"], "--logit-normal-t is for flow matching"),
-    (["--autoguide", "model_epoch05.pt"], "--autoguide is for --sample-only and --evaluate"),
+    (["--autoguide", "guide.pt"], "--autoguide is for --sample-only and --evaluate"),
 ])
 def test_bad_flags_are_refused(capsys, argv, says):
     assert says in flow_error(capsys, *argv)
