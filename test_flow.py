@@ -91,7 +91,7 @@ def denoise_error(capsys, *argv):
     return str(e.value.code) if isinstance(e.value.code, str) else capsys.readouterr().err
 
 
-# --- data -----------------------------------------------------------------------------
+# --- data --------------------------------------------------------------------------
 
 
 def write_idx(path, data):
@@ -137,7 +137,7 @@ def test_missing_mnist_names_the_files(script, offline, tmp_path, capsys):
     assert "Traceback" not in message
 
 
-# --- denoise.py: the one-step denoiser (Part 1) ---------------------------------------
+# --- denoise.py: the one-step denoiser (Part 1) ------------------------------------
 
 
 def test_denoiser_shapes_and_parameter_count():
@@ -254,7 +254,7 @@ def test_denoise_bad_input_is_refused(mnist, class_run, tmp_path, capsys):
     assert "--pure-noise False" in message
 
 
-# --- flow.py: the conditioned UNet ----------------------------------------------------
+# --- flow.py part one: the conditioned UNet ----------------------------------------
 
 
 def test_blocks_and_unet_shapes():
@@ -293,38 +293,6 @@ def test_default_unet_trains_as_the_assignments_did(classes, expected):
     assert losses == pytest.approx(expected, rel=1e-5)
 
 
-def test_sinusoidal_t_feeds_sines_and_cosines_of_t():
-    t = torch.tensor([[0.0], [0.25]])
-    features = flow.time_features(t)
-    freqs = 10 ** torch.linspace(0, 3, 16, dtype=torch.float64)  # 1 to 1000, evenly on a log scale
-    assert features.shape == (2, 32)
-    assert torch.equal(features[0], torch.cat([torch.zeros(16), torch.ones(16)]))  # sin 0, cos 0
-    expected = torch.cat([torch.sin(0.25 * freqs), torch.cos(0.25 * freqs)])
-    assert torch.allclose(features[1].double(), expected, atol=1e-5)
-    model = flow.UNet(8, 10, sinusoidal_t=True)
-    assert model.fc1_t[0].in_features == model.fc2_t[0].in_features == 32
-    assert model(torch.randn(3, 1, 28, 28), torch.rand(3, 1), torch.eye(10)[:3]).shape == (3, 1, 28, 28)
-
-
-def test_time_every_block_starts_as_the_plain_unet_then_follows_t():
-    torch.manual_seed(0)
-    film = flow.UNet(8, 10, time_every_block=True).train()
-    plain = flow.UNet(8, 10).train()
-    plain.load_state_dict({k: v for k, v in film.state_dict().items() if not k.startswith("film")})
-    extra = sum(p.numel() for p in film.parameters()) - sum(p.numel() for p in plain.parameters())
-    assert extra == sum(2 * n + 2 * n for n in (8, 8, 16, 8, 8))  # a Linear(1, 2n) per block
-    x_t, c = torch.randn(4, 1, 28, 28), torch.eye(10)[:4]
-    t = torch.tensor([[0.1], [0.4], [0.6], [0.9]])
-    assert torch.equal(film(x_t, t, c), plain(x_t, t, c))  # the scales and shifts start at zero
-    with torch.no_grad():
-        for layer in film.film:
-            layer.weight.normal_()
-    moved = (film(x_t, t, c) - plain(x_t, t, c)).abs().amax((1, 2, 3))
-    assert (moved > 1e-3).all()
-    film(x_t, t, c).square().mean().backward()  # each of the five blocks is modulated, so each learns
-    assert all(layer.weight.grad.abs().sum() > 0 for layer in film.film)
-
-
 def test_time_conditioning_changes_the_output():
     # in training mode: a fresh UNet in eval mode damps the time signal to about 1e-5 of the output
     model = flow.UNet(8).train()
@@ -333,7 +301,7 @@ def test_time_conditioning_changes_the_output():
     assert (u0 - u1).abs().max() > 0.05 * u0.abs().max()
 
 
-# --- flow matching: the loss and the sampler ------------------------------------------
+# --- flow matching: the loss and the sampler ---------------------------------------
 
 
 def test_loss_falls_when_overfitting_one_batch():
@@ -379,18 +347,14 @@ def test_loss_is_mse_to_the_straight_path_velocity():
     assert torch.allclose(x_t, (1 - t[:, :, None, None]) * x0 + t[:, :, None, None] * x1)
     expected = ((model.a * x_t + model.b * t[:, :, None, None]) - (x1 - x0)).pow(2).mean()
     assert torch.allclose(loss, expected)
-
-
-def test_logit_normal_t_draws_sigmoid_of_a_normal():
-    model, x1 = Spy(), torch.rand(20000, 1, 1, 1)
-    torch.manual_seed(3)
-    flow.flow_matching_loss(model, x1, logit_normal_t=True)
-    torch.manual_seed(3)  # the same draws, in the same order: x0, then t
-    torch.randn(20000, 1, 1, 1)
-    t = model.seen[0][1]
-    assert torch.equal(t, torch.randn(20000, 1).sigmoid())
-    middle = ((t > 0.25) & (t < 0.75)).float().mean().item()  # P(|z| < ln 3) = 0.73; uniform t: 0.50
-    assert middle == pytest.approx(0.73, abs=0.015)
+    x0, t = noise(4, seed=8), torch.tensor([[0.0], [0.25], [0.5], [1.0]])  # given, as reflow gives x0
+    state = torch.get_rng_state()
+    given = flow.flow_matching_loss(model, x1, x0=x0, t=t)
+    assert torch.equal(torch.get_rng_state(), state)  # nothing drawn
+    x_t, t_seen, _ = model.seen[1]
+    assert torch.equal(t_seen, t)
+    assert torch.allclose(x_t, (1 - t[:, :, None, None]) * x0 + t[:, :, None, None] * x1)
+    assert torch.allclose(given, ((model.a * x_t + model.b * t[:, :, None, None]) - (x1 - x0)).pow(2).mean())
 
 
 def test_label_dropout_zeroes_about_p_uncond_of_the_classes():
@@ -427,88 +391,13 @@ def test_guidance_mixes_conditional_and_unconditional_flows(guidance):
             x = x + (model.a * x + model.b * i / 3 + guidance * model.w[labels][:, None, None, None]) / 3
     got = flow.sample(model, 5, labels, steps=3, guidance=guidance, seed=2)
     assert torch.allclose(got, x, atol=1e-6)
+    assert len(model.seen) == 3  # one call a step
     for x_t, t, c in model.seen:  # one batch: the conditional half, then the unconditional half with c = 0
+        if guidance == 1:  # u_uncond + 1 (u_cond - u_uncond) = u_cond: the unconditional half is not needed
+            assert torch.equal(c, torch.eye(10)[labels])
+            continue
         assert torch.equal(c, torch.cat([torch.eye(10)[labels], torch.zeros(5, 10)]))
         assert torch.equal(x_t[:5], x_t[5:]) and torch.equal(t[:5], t[5:])
-
-
-@pytest.mark.parametrize("classes", [0, 10])
-def test_autoguidance_moves_away_from_the_guides_prediction(classes):
-    model, guide, mixed, gamma = Spy(classes), Spy(classes), Spy(classes), 3.0
-    with torch.no_grad():  # u is linear in a Spy's parameters: u_guide + gamma (u - u_guide) is a Spy's u
-        guide.a.fill_(-0.2), guide.b.fill_(0.5), guide.w.mul_(-2)
-        for m, p, g in zip(mixed.parameters(), model.parameters(), guide.parameters()):
-            m.copy_(g + gamma * (p - g))
-    labels = torch.tensor([3, 1, 4, 1, 5]) if classes else None
-    got = flow.sample(model, 5, labels, steps=3, guidance=gamma, seed=2, guide=guide)
-    assert torch.allclose(got, flow.sample(mixed, 5, labels, steps=3, guidance=1.0, seed=2), atol=1e-5)
-    assert len(model.seen) == len(guide.seen) == 3  # one call of each a step, with the same input
-    for (x, t, c), (x_g, t_g, c_g) in zip(model.seen, guide.seen):  # the guide is asked for the same class
-        assert torch.equal(x, x_g) and torch.equal(t, t_g)
-        if classes:
-            assert torch.equal(c, torch.eye(10)[labels]) and torch.equal(c_g, c)
-        else:
-            assert c is c_g is None
-
-
-@pytest.mark.parametrize("solver,nfe", [("euler", 1), ("midpoint", 2), ("ddpm", 1), ("ddim", 1)])
-def test_solvers_call_the_network_as_often_as_they_claim(solver, nfe):
-    model = Spy(method="ddpm" if solver in flow.SOLVERS["ddpm"] else "flow")
-    flow.sample(model, 2, steps=5, solver=solver)
-    assert len(model.seen) == 5 * nfe
-
-
-@pytest.mark.parametrize("solver,order", [("euler", 1), ("midpoint", 2)])
-def test_solvers_converge_at_their_order_on_a_known_flow(solver, order):
-    model = Spy()
-    a, b = model.a.item(), model.b.item()
-    x0 = noise(3, seed=4).double()
-    exact = math.exp(a) * x0 + b * (math.exp(a) - 1 - a) / a ** 2  # dx/dt = a x + b t, solved
-    model = model.double()
-    errors = [(flow.sample(model, 3, steps=n, seed=4, solver=solver).double() - exact).abs().max().item()
-              for n in (8, 16, 32)]
-    for coarse, fine in zip(errors, errors[1:]):  # doubling the steps divides the error by 2^order
-        assert coarse / fine == pytest.approx(2 ** order, rel=0.15), errors
-
-
-def test_ema_of_a_constant_stays_and_follows_a_step_at_its_rate_after_a_warm_up():
-    model, ema = flow.UNet(8), flow.UNet(8)
-    ema.load_state_dict(model.state_dict())
-    model.train()(torch.randn(4, 1, 28, 28), torch.rand(4, 1))  # BatchNorm statistics move; the weights stay
-    for _ in range(5):
-        flow.update_ema(ema, model, 0.9, 10 ** 6)
-    assert all(torch.equal(e, p) for e, p in zip(ema.parameters(), model.parameters()))
-    start = [p.clone() for p in model.parameters()]
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(1.0)  # a step change of +1 in every weight
-    for _ in range(10):
-        flow.update_ema(ema, model, 0.9, 10 ** 6)
-    for e, s in zip(ema.parameters(), start):  # 1 - 0.9^10 of the way there
-        assert torch.allclose(e - s, torch.full_like(s, 1 - 0.9 ** 10), atol=1e-5)
-    for step in range(3):  # steps 0, 1, 2 keep 1/10, 2/11, 3/12 of the average, whatever the decay
-        flow.update_ema(ema, model, 0.999, step)
-    gap = 0.9 ** 10 * (1 / 10) * (2 / 11) * (3 / 12)
-    for e, s in zip(ema.parameters(), start):
-        assert torch.allclose(e - s, torch.full_like(s, 1 - gap), atol=1e-5)
-    assert all(torch.equal(e, b) for e, b in zip(ema.buffers(), flow.UNet(8).buffers()))  # left alone
-
-
-def test_ema_batchnorm_statistics_are_averaged_over_its_own_activations_off_the_random_stream():
-    torch.manual_seed(0)
-    ema = flow.UNet(8)
-    norm, seen = ema.conv_in[0][1], []  # the first BatchNorm, and what it is given
-    norm.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
-    x_all, y_all = torch.randint(0, 256, (50, 28, 28), dtype=torch.uint8), torch.zeros(50, dtype=torch.long)
-    state = torch.get_rng_state()
-    args = argparse.Namespace(amp=False, p_uncond=0)
-    flow.measure_batchnorm(ema, flow.flow_matching_loss, x_all, y_all, args, batches=3, batch_size=16)
-    assert torch.equal(torch.get_rng_state(), state)  # training goes on as if there were no EMA
-    assert len(seen) == 3 and not ema.training and norm.momentum == 0.1
-    mean = torch.stack([h.mean((0, 2, 3)) for h in seen]).mean(0)  # the plain average of the 3 batches
-    var = torch.stack([h.var((0, 2, 3)) for h in seen]).mean(0)
-    assert torch.allclose(norm.running_mean, mean, atol=1e-6)
-    assert torch.allclose(norm.running_var, var, rtol=1e-5)
 
 
 def test_channels_last_gives_the_plain_result():
@@ -547,7 +436,210 @@ def test_sampling_leaves_training_mode_and_global_rng_alone():
     assert model.training and torch.equal(torch.rand(1), before)
 
 
-# --- DDPM on the same UNet ------------------------------------------------------------
+# --- training: outputs, grids, checkpoints, resume ---------------------------------
+
+
+def test_tiny_run_writes_every_output(mnist, tmp_path):
+    out = str(tmp_path / "run")
+    run_flow(*tiny_flow_args(mnist, out, "--epochs", 3, "--sample-epochs", "2", "--gif"))
+    rows = list(csv.DictReader(open(os.path.join(out, "loss.csv"))))
+    assert len(rows) == 3 * 4 and [int(r["epoch"]) for r in rows[::4]] == [1, 2, 3]
+    assert all(float(r["loss"]) > 0 for r in rows)
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "loss.csv", "loss.png", "model.pt", "samples_epoch02.png",
+                                       "samples_epoch03.png", "sampling.gif"]
+    grid = Image.open(os.path.join(out, "samples_epoch03.png"))
+    assert grid.size == (2 * (10 * 30 + 2), 2 * (4 * 30 + 2))  # 4 rows of 10 digits, enlarged 2x
+    gif = Image.open(os.path.join(out, "sampling.gif"))
+    assert gif.n_frames == 3 + 1 and gif.size == grid.size  # x at t = 0, 1/3, 2/3, 1
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert ckpt["epoch"] == 3 and len(ckpt["losses"]) == 12
+    # the learning rate decays by 10x over the run, once per epoch
+    assert ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-3, rel=1e-6)
+    assert float(rows[-1]["lr"]) == pytest.approx(1e-2 * 0.1 ** (2 / 3), rel=1e-5)
+    model = flow.load_checkpoint(os.path.join(out, "ckpt.pt"))
+    assert not model.training and model.num_classes == 10
+
+
+def test_class_grid_puts_the_four_samples_of_digit_k_in_column_k():
+    model = Spy()
+    with torch.no_grad():  # u = -x + w[k] and one Euler step from t = 0: the sample is w[k] everywhere
+        model.a.fill_(-1.0), model.b.fill_(0.0), model.w.copy_(torch.linspace(0, 1, 10))
+    args = argparse.Namespace(amp=False, steps=1, guidance=1.0, seed=0)
+    grid = flow.sample_grid(model, args)
+    assert grid.size == (2 * (10 * 30 + 2), 2 * (4 * 30 + 2))
+    for row in range(4):
+        for k in range(10):  # the middle of each 28-pixel digit, past the 2-pixel borders, enlarged 2x
+            assert grid.getpixel((2 * (2 + 30 * k + 14), 2 * (2 + 30 * row + 14))) == round(255 * k / 9)
+
+
+def test_model_pt_holds_half_precision_weights_that_load_as_the_model(class_run):
+    weights = torch.load(os.path.join(class_run, "model.pt"), weights_only=True)
+    assert set(weights) == {"script", "epoch", "args", "model"} and weights["epoch"] == 1
+    full = flow.load_checkpoint(os.path.join(class_run, "ckpt.pt"))
+    params = dict(full.named_parameters())
+    for name, value in weights["model"].items():  # BatchNorm statistics in fp32: a variance may pass 65504
+        if value.is_floating_point():
+            assert value.dtype == (torch.float16 if name in params else torch.float32), name
+    half = flow.load_checkpoint(os.path.join(class_run, "model.pt"))
+    for name, value in full.state_dict().items():
+        assert torch.allclose(half.state_dict()[name], value, rtol=1e-3, atol=1e-4)
+    labels = torch.arange(10)
+    same_digits = flow.sample(half, 10, labels, steps=3), flow.sample(full, 10, labels, steps=3)
+    assert torch.allclose(*same_digits, atol=1e-2)
+
+
+@pytest.mark.parametrize("method,cond,ema", [("flow", "class", 0), ("ddpm", "time", 0),
+                                             ("flow", "class", 0.9)])
+def test_resume_reproduces_an_uninterrupted_run(mnist, tmp_path, monkeypatch, method, cond, ema):
+    whole, broken = str(tmp_path / "whole"), str(tmp_path / "broken")
+    args = ("--epochs", 2, "--sample-epochs", "1", "--method", method, "--cond", cond, "--ema", ema)
+    run_flow(*tiny_flow_args(mnist, whole, *args))
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt  # the machine goes down right after the epoch-1 checkpoint
+
+    monkeypatch.setattr(flow, "sample_grid", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_flow(*tiny_flow_args(mnist, broken, *args))
+    monkeypatch.undo()
+    assert torch.load(os.path.join(broken, "ckpt.pt"), weights_only=True)["epoch"] == 1
+    run_flow(*tiny_flow_args(mnist, broken, *args, "--resume", os.path.join(broken, "ckpt.pt")))
+    a = torch.load(os.path.join(whole, "ckpt.pt"), weights_only=True)
+    b = torch.load(os.path.join(broken, "ckpt.pt"), weights_only=True)
+    assert a["losses"] == b["losses"]
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    assert open(os.path.join(whole, "loss.csv")).read() == open(os.path.join(broken, "loss.csv")).read()
+    if ema:  # the average, kept in the optimizer's state, resumes with it: weights, statistics, its count
+        assert a["optimizer"]["ema_updates"] == b["optimizer"]["ema_updates"] == 2 * 4
+        for name, value in a["optimizer"]["ema"].items():
+            assert torch.equal(value, b["optimizer"]["ema"][name]), name
+
+
+# --- flow.py part two: better time input -------------------------------------------
+
+
+def test_sinusoidal_t_feeds_sines_and_cosines_of_t():
+    t = torch.tensor([[0.0], [0.25]])
+    features = flow.time_features(t)
+    freqs = 10 ** torch.linspace(0, 3, 16, dtype=torch.float64)  # 1 to 1000, evenly on a log scale
+    assert features.shape == (2, 32)
+    assert torch.equal(features[0], torch.cat([torch.zeros(16), torch.ones(16)]))  # sin 0, cos 0
+    expected = torch.cat([torch.sin(0.25 * freqs), torch.cos(0.25 * freqs)])
+    assert torch.allclose(features[1].double(), expected, atol=1e-5)
+    model = flow.TimeUNet(8, 10, sinusoidal_t=True)
+    assert model.fc1_t[0].in_features == model.fc2_t[0].in_features == 32
+    assert model(torch.randn(3, 1, 28, 28), torch.rand(3, 1), torch.eye(10)[:3]).shape == (3, 1, 28, 28)
+
+
+def test_time_every_block_starts_as_the_plain_unet_then_follows_t():
+    torch.manual_seed(0)
+    film = flow.TimeUNet(8, 10, time_every_block=True).train()
+    plain = flow.UNet(8, 10).train()
+    plain.load_state_dict({k: v for k, v in film.state_dict().items() if not k.startswith("film")})
+    extra = sum(p.numel() for p in film.parameters()) - sum(p.numel() for p in plain.parameters())
+    assert extra == sum(2 * n + 2 * n for n in (8, 8, 16, 8, 8))  # a Linear(1, 2n) per block
+    x_t, c = torch.randn(4, 1, 28, 28), torch.eye(10)[:4]
+    t = torch.tensor([[0.1], [0.4], [0.6], [0.9]])
+    assert torch.equal(film(x_t, t, c), plain(x_t, t, c))  # the scales and shifts start at zero
+    with torch.no_grad():
+        for layer in film.film:
+            layer.weight.normal_()
+    moved = (film(x_t, t, c) - plain(x_t, t, c)).abs().amax((1, 2, 3))
+    assert (moved > 1e-3).all()
+    film(x_t, t, c).square().mean().backward()  # each of the five blocks is modulated, so each learns
+    assert all(layer.weight.grad.abs().sum() > 0 for layer in film.film)
+
+
+def test_logit_normal_t_draws_sigmoid_of_a_normal():
+    model, x1 = Spy(), torch.rand(20000, 1, 1, 1)
+    torch.manual_seed(3)
+    flow.logit_normal_loss(model, x1)
+    torch.manual_seed(3)  # the same draws, in the same order: x0, then t
+    torch.randn(20000, 1, 1, 1)
+    t = model.seen[0][1]
+    assert torch.equal(t, torch.randn(20000, 1).sigmoid())
+    middle = ((t > 0.25) & (t < 0.75)).float().mean().item()  # P(|z| < ln 3) = 0.73; uniform t: 0.50
+    assert middle == pytest.approx(0.73, abs=0.015)
+
+
+def test_time_flags_are_saved_and_rebuild_their_unet(mnist, tmp_path, capsys, monkeypatch):
+    out, drawn = str(tmp_path / "run"), []
+    loss = flow.logit_normal_loss
+    monkeypatch.setattr(flow, "logit_normal_loss", lambda *a: drawn.append(len(a)) or loss(*a))
+    flags = ("--cond", "time", "--sinusoidal-t", "--time-every-block", "--logit-normal-t")
+    run_flow(*tiny_flow_args(mnist, out, "--epochs", 1, *flags))
+    assert drawn == [4] * 4  # every training step: model, x1, labels, p_uncond
+    for name in ("ckpt.pt", "model.pt"):  # the weights load only into the UNet these flags describe
+        model = flow.load_checkpoint(os.path.join(out, name))
+        assert model.sinusoidal_t and len(model.film) == 5 and model.fc1_t[0].in_features == 32
+    message = flow_error(capsys, *tiny_flow_args(mnist, str(tmp_path / "other"), "--epochs", 1, *flags[:-1],
+                                                 "--resume", os.path.join(out, "ckpt.pt")))
+    assert "--logit-normal-t True" in message
+
+
+# --- EMA ---------------------------------------------------------------------------
+
+
+def test_ema_of_a_constant_stays_and_follows_a_step_at_its_rate_after_a_warm_up():
+    model, ema = flow.UNet(8), flow.UNet(8)
+    ema.load_state_dict(model.state_dict())
+    model.train()(torch.randn(4, 1, 28, 28), torch.rand(4, 1))  # BatchNorm statistics move; the weights stay
+    for _ in range(5):
+        flow.update_ema(ema, model, 0.9, 10 ** 6)
+    assert all(torch.equal(e, p) for e, p in zip(ema.parameters(), model.parameters()))
+    start = [p.clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # a step change of +1 in every weight
+    for _ in range(10):
+        flow.update_ema(ema, model, 0.9, 10 ** 6)
+    for e, s in zip(ema.parameters(), start):  # 1 - 0.9^10 of the way there
+        assert torch.allclose(e - s, torch.full_like(s, 1 - 0.9 ** 10), atol=1e-5)
+    for step in range(3):  # steps 0, 1, 2 keep 1/10, 2/11, 3/12 of the average, whatever the decay
+        flow.update_ema(ema, model, 0.999, step)
+    gap = 0.9 ** 10 * (1 / 10) * (2 / 11) * (3 / 12)
+    for e, s in zip(ema.parameters(), start):
+        assert torch.allclose(e - s, torch.full_like(s, 1 - gap), atol=1e-5)
+    assert all(torch.equal(e, b) for e, b in zip(ema.buffers(), flow.UNet(8).buffers()))  # left alone
+
+
+def test_ema_batchnorm_statistics_are_averaged_over_its_own_activations_off_the_random_stream():
+    torch.manual_seed(0)
+    ema = flow.UNet(8)
+    norm, seen = ema.conv_in[0][1], []  # the first BatchNorm, and what it is given
+    norm.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
+    x_all, y_all = torch.randint(0, 256, (50, 28, 28), dtype=torch.uint8), torch.zeros(50, dtype=torch.long)
+    state = torch.get_rng_state()
+    args = argparse.Namespace(amp=False, p_uncond=0)
+    flow.measure_batchnorm(ema, flow.flow_matching_loss, (x_all, y_all), args, batches=3, batch_size=16)
+    assert torch.equal(torch.get_rng_state(), state)  # training goes on as if there were no EMA
+    assert len(seen) == 3 and not ema.training and norm.momentum == 0.1
+    mean = torch.stack([h.mean((0, 2, 3)) for h in seen]).mean(0)  # the plain average of the 3 batches
+    var = torch.stack([h.var((0, 2, 3)) for h in seen]).mean(0)
+    assert torch.allclose(norm.running_mean, mean, atol=1e-6)
+    assert torch.allclose(norm.running_var, var, rtol=1e-5)
+
+
+def test_ema_run_samples_from_the_averaged_weights(mnist, tmp_path):
+    out = str(tmp_path / "run")
+    run_flow(*tiny_flow_args(mnist, out, "--epochs", 1, "--ema", 0.5))
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    name = "conv_out.1.weight"
+    assert not torch.equal(ckpt["optimizer"]["ema"][name], ckpt["model"][name])
+    shipped = torch.load(os.path.join(out, "model.pt"), weights_only=True)["model"]
+    assert torch.equal(shipped[name], ckpt["optimizer"]["ema"][name].half())
+    ema = flow.load_checkpoint(os.path.join(out, "ckpt.pt"))
+    assert torch.equal(ema.state_dict()[name], ckpt["optimizer"]["ema"][name])
+    raw = flow.UNet(8, 10)
+    raw.load_state_dict(ckpt["model"])
+    grid = Image.open(os.path.join(out, "samples_epoch01.png"))
+    args = argparse.Namespace(**ckpt["args"])
+    assert flow.sample_grid(ema, args).tobytes() == grid.tobytes()  # drawn by the average
+    assert flow.sample_grid(raw.to(memory_format=torch.channels_last), args).tobytes() != grid.tobytes()
+
+
+# --- DDPM on the same UNet ---------------------------------------------------------
 
 
 def test_ddpm_schedule_runs_from_beta_1e4_to_2e2_with_alpha_bar_falling():
@@ -582,8 +674,9 @@ def test_one_ddpm_step_with_the_true_noise_matches_the_formulas(solver):
     betas = torch.linspace(1e-4, 0.02, flow.T).double()
     a_t, a_s, beta = (1 - betas).prod(), (1 - betas[:-1]).prod(), betas[-1]
     x_t = (a_t.sqrt() * x0 + (1 - a_t).sqrt() * eps).float()
-    generator = torch.Generator().manual_seed(9)
-    got = flow.ddpm_step(lambda x, t: eps, x_t, 0, flow.T, solver, generator)
+    step = flow.solver_step(flow.build_unet({"cond": "time", "hidden": 8, "method": "ddpm"}), solver)
+    torch.manual_seed(9)
+    got = step(lambda x, t: eps, x_t, 0, flow.T)
     if solver == "ddim":
         expected = a_s.sqrt() * x0 + (1 - a_s).sqrt() * eps
     else:
@@ -591,7 +684,7 @@ def test_one_ddpm_step_with_the_true_noise_matches_the_formulas(solver):
         expected = (a_s.sqrt() * beta / (1 - a_t) * x0 + (1 - beta).sqrt() * (1 - a_s) / (1 - a_t) * x_t
                     + beta.sqrt() * z)
     assert torch.allclose(got, expected.float(), atol=1e-5)
-    last = flow.ddpm_step(lambda x, t: eps, x_t, flow.T - 1, flow.T, solver, generator)  # t = 1 -> 0
+    last = step(lambda x, t: eps, x_t, flow.T - 1, flow.T)  # t = 1 -> 0
     assert torch.allclose(last, ((x_t - (1 - flow.alpha_bar()[1]).sqrt() * eps) / flow.alpha_bar()[1].sqrt()))
 
 
@@ -612,28 +705,20 @@ class GaussianPixels(torch.nn.Module):
 
 @pytest.mark.parametrize("solver", ["ddpm", "ddim"])
 def test_ddpm_samplers_given_the_exact_noise_draw_from_the_data_distribution(solver):
-    x = flow.sample(GaussianPixels(0.3, 0.2), 64, steps=flow.T, solver=solver, seed=1)  # 50,176 pixels
+    model = GaussianPixels(0.3, 0.2)
+    x = flow.sample(model, 64, steps=flow.T, step=flow.solver_step(model, solver), seed=1)  # 50,176 pixels
     # measured: mean 0.300 and 0.287 (DDIM keeps the error of starting at N(0, I)), std 0.202 and 0.203
     assert x.mean().item() == pytest.approx(0.3, abs=0.02) and x.std().item() == pytest.approx(0.2, abs=0.01)
 
 
 @pytest.mark.parametrize("solver", ["ddpm", "ddim"])
 def test_only_the_ancestral_sampler_draws_noise_after_the_start(solver):
-    x, generator = noise(2, seed=0), torch.Generator().manual_seed(5)
+    x, step = noise(2, seed=0), flow.SOLVERS["ddpm"][solver]
     for i in range(3):  # t = 300 -> 200 -> 100 -> 0
-        before = generator.get_state()
-        x = flow.ddpm_step(lambda x, t: 0.5 * x, x, i, 3, solver, generator)
-        drew = not torch.equal(generator.get_state(), before)
+        before = torch.get_rng_state()
+        x = step(lambda x, t: 0.5 * x, x, i, 3)
+        drew = not torch.equal(torch.get_rng_state(), before)
         assert drew == (solver == "ddpm" and i < 2), i  # the last step, to t = 0, adds no noise
-
-
-def test_samplers_refuse_the_other_method():
-    with pytest.raises(ValueError, match="euler or midpoint"):
-        flow.sample(flow.UNet(8), 1, steps=1, solver="ddim")
-    with pytest.raises(ValueError, match="ddpm or ddim"):
-        flow.sample(flow.UNet(8, 0, "ddpm"), 1, steps=1, solver="euler")
-    with pytest.raises(ValueError, match="300 or fewer"):
-        flow.sample(flow.UNet(8, 0, "ddpm"), 1, steps=301)
 
 
 def test_ddpm_run_takes_its_defaults_and_writes_every_output(mnist, tmp_path, capsys):
@@ -644,7 +729,7 @@ def test_ddpm_run_takes_its_defaults_and_writes_every_output(mnist, tmp_path, ca
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     args = ckpt["args"]
     assert (args["batch_size"], args["lr"], args["sample_epochs"]) == (128, 1e-3, [1, 5, 10, 20])
-    assert len(ckpt["losses"]) == 256 // 128 and ckpt["args"]["solver"] == ["ddpm"]
+    assert len(ckpt["losses"]) == 256 // 128 and ckpt["args"]["solver"] == "ddpm"
     model = flow.load_checkpoint(os.path.join(out, "model.pt"))
     assert model.method == "ddpm" and model.num_classes == 10
     assert "ddpm or ddim" in flow_error(capsys, "--sample-only", "--ckpt", os.path.join(out, "model.pt"),
@@ -652,146 +737,184 @@ def test_ddpm_run_takes_its_defaults_and_writes_every_output(mnist, tmp_path, ca
     assert "euler or midpoint" in flow_error(capsys, "--method", "flow", "--solver", "ddim")
 
 
-# --- training: outputs, grids, checkpoints, resume ------------------------------------
+# --- more solvers ------------------------------------------------------------------
 
 
-def test_tiny_run_writes_every_output(mnist, tmp_path):
-    out = str(tmp_path / "run")
-    run_flow(*tiny_flow_args(mnist, out, "--epochs", 3, "--sample-epochs", "2", "--gif"))
-    rows = list(csv.DictReader(open(os.path.join(out, "loss.csv"))))
-    assert len(rows) == 3 * 4 and [int(r["epoch"]) for r in rows[::4]] == [1, 2, 3]
-    assert all(float(r["loss"]) > 0 for r in rows)
-    assert sorted(os.listdir(out)) == ["ckpt.pt", "loss.csv", "loss.png", "model.pt", "samples_epoch02.png",
-                                       "samples_epoch03.png", "sampling.gif"]
-    grid = Image.open(os.path.join(out, "samples_epoch03.png"))
-    assert grid.size == (2 * (10 * 30 + 2), 2 * (4 * 30 + 2))  # 4 rows of 10 digits, enlarged 2x
-    gif = Image.open(os.path.join(out, "sampling.gif"))
-    assert gif.n_frames == 3 + 1 and gif.size == grid.size  # x at t = 0, 1/3, 2/3, 1
-    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
-    assert ckpt["epoch"] == 3 and len(ckpt["losses"]) == 12
-    # the learning rate decays by 10x over the run, once per epoch
-    assert ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-3, rel=1e-6)
-    assert float(rows[-1]["lr"]) == pytest.approx(1e-2 * 0.1 ** (2 / 3), rel=1e-5)
-    model = flow.load_checkpoint(os.path.join(out, "ckpt.pt"))
-    assert not model.training and model.num_classes == 10
+@pytest.mark.parametrize("solver,nfe", [("euler", 1), ("midpoint", 2), ("ddpm", 1), ("ddim", 1)])
+def test_solvers_call_the_network_as_often_as_they_claim(solver, nfe):
+    model = Spy(method="ddpm" if solver in flow.SOLVERS["ddpm"] else "flow")
+    flow.sample(model, 2, steps=5, step=flow.solver_step(model, solver))
+    assert len(model.seen) == 5 * nfe
 
 
-def test_time_flags_are_saved_and_rebuild_their_unet(mnist, tmp_path, capsys, monkeypatch):
-    out, drawn = str(tmp_path / "run"), []
-    loss = flow.flow_matching_loss
-    monkeypatch.setattr(flow, "flow_matching_loss", lambda *a, **k: drawn.append(k) or loss(*a, **k))
-    flags = ("--cond", "time", "--sinusoidal-t", "--time-every-block", "--logit-normal-t")
-    run_flow(*tiny_flow_args(mnist, out, "--epochs", 1, *flags))
-    assert drawn == [{"logit_normal_t": True}] * 4  # every training step
-    for name in ("ckpt.pt", "model.pt"):  # the weights load only into the UNet these flags describe
-        model = flow.load_checkpoint(os.path.join(out, name))
-        assert model.sinusoidal_t and len(model.film) == 5 and model.fc1_t[0].in_features == 32
-    message = flow_error(capsys, *tiny_flow_args(mnist, str(tmp_path / "other"), "--epochs", 1, *flags[:-1],
-                                                 "--resume", os.path.join(out, "ckpt.pt")))
-    assert "--logit-normal-t True" in message
-
-
-def test_class_grid_puts_the_four_samples_of_digit_k_in_column_k():
+@pytest.mark.parametrize("solver,order", [("euler", 1), ("midpoint", 2)])
+def test_solvers_converge_at_their_order_on_a_known_flow(solver, order):
     model = Spy()
-    with torch.no_grad():  # u = -x + w[k] and one Euler step from t = 0: the sample is w[k] everywhere
-        model.a.fill_(-1.0), model.b.fill_(0.0), model.w.copy_(torch.linspace(0, 1, 10))
-    args = argparse.Namespace(amp=False, steps=[1], guidance=[1.0], seed=0, solver=["euler"])
-    grid = flow.sample_grid(model, args)
-    assert grid.size == (2 * (10 * 30 + 2), 2 * (4 * 30 + 2))
-    for row in range(4):
-        for k in range(10):  # the middle of each 28-pixel digit, past the 2-pixel borders, enlarged 2x
-            assert grid.getpixel((2 * (2 + 30 * k + 14), 2 * (2 + 30 * row + 14))) == round(255 * k / 9)
+    a, b = model.a.item(), model.b.item()
+    x0 = noise(3, seed=4).double()
+    exact = math.exp(a) * x0 + b * (math.exp(a) - 1 - a) / a ** 2  # dx/dt = a x + b t, solved
+    model = model.double()
+    step = flow.solver_step(model, solver)
+    errors = [(flow.sample(model, 3, steps=n, seed=4, step=step).double() - exact).abs().max().item()
+              for n in (8, 16, 32)]
+    for coarse, fine in zip(errors, errors[1:]):  # doubling the steps divides the error by 2^order
+        assert coarse / fine == pytest.approx(2 ** order, rel=0.15), errors
 
 
-def test_ema_run_samples_from_the_averaged_weights(mnist, tmp_path):
-    out = str(tmp_path / "run")
-    run_flow(*tiny_flow_args(mnist, out, "--epochs", 1, "--ema", 0.5))
-    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
-    name = "conv_out.1.weight"
-    assert not torch.equal(ckpt["ema"][name], ckpt["model"][name])
-    shipped = torch.load(os.path.join(out, "model.pt"), weights_only=True)["model"]
-    assert torch.equal(shipped[name], ckpt["ema"][name].half())
-    ema = flow.load_checkpoint(os.path.join(out, "ckpt.pt"))
-    assert torch.equal(ema.state_dict()[name], ckpt["ema"][name])
-    raw = flow.UNet(8, 10)
-    raw.load_state_dict(ckpt["model"])
-    grid = Image.open(os.path.join(out, "samples_epoch01.png"))
-    args = argparse.Namespace(**ckpt["args"])
-    assert flow.sample_grid(ema, args).tobytes() == grid.tobytes()  # drawn by the average
-    assert flow.sample_grid(raw.to(memory_format=torch.channels_last), args).tobytes() != grid.tobytes()
+def test_samplers_refuse_the_other_method():
+    ddpm = flow.build_unet({"cond": "time", "hidden": 8, "method": "ddpm"})
+    with pytest.raises(ValueError, match="euler or midpoint"):
+        flow.solver_step(flow.UNet(8), "ddim")
+    with pytest.raises(ValueError, match="ddpm or ddim"):
+        flow.solver_step(ddpm, "euler")
+    with pytest.raises(ValueError, match="300 or fewer"):
+        flow.sample(ddpm, 1, steps=301, step=flow.solver_step(ddpm, "ddpm"))
 
 
-def test_model_pt_holds_half_precision_weights_that_load_as_the_model(class_run):
-    weights = torch.load(os.path.join(class_run, "model.pt"), weights_only=True)
-    assert set(weights) == {"script", "epoch", "args", "model"} and weights["epoch"] == 1
-    full = flow.load_checkpoint(os.path.join(class_run, "ckpt.pt"))
-    params = dict(full.named_parameters())
-    for name, value in weights["model"].items():  # BatchNorm statistics in fp32: a variance may pass 65504
-        if value.is_floating_point():
-            assert value.dtype == (torch.float16 if name in params else torch.float32), name
-    half = flow.load_checkpoint(os.path.join(class_run, "model.pt"))
-    for name, value in full.state_dict().items():
-        assert torch.allclose(half.state_dict()[name], value, rtol=1e-3, atol=1e-4)
-    labels = torch.arange(10)
-    same_digits = flow.sample(half, 10, labels, steps=3), flow.sample(full, 10, labels, steps=3)
-    assert torch.allclose(*same_digits, atol=1e-2)
+# --- autoguidance ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method,cond", [("flow", "class"), ("ddpm", "time")])
-def test_resume_reproduces_an_uninterrupted_run(mnist, tmp_path, monkeypatch, method, cond):
-    whole, broken = str(tmp_path / "whole"), str(tmp_path / "broken")
-    args = ("--epochs", 2, "--sample-epochs", "1", "--method", method, "--cond", cond)
-    run_flow(*tiny_flow_args(mnist, whole, *args))
-
-    def crash(*a, **k):
-        raise KeyboardInterrupt  # the machine goes down right after the epoch-1 checkpoint
-
-    monkeypatch.setattr(flow, "sample_grid", crash)
-    with pytest.raises(KeyboardInterrupt):
-        run_flow(*tiny_flow_args(mnist, broken, *args))
-    monkeypatch.undo()
-    assert torch.load(os.path.join(broken, "ckpt.pt"), weights_only=True)["epoch"] == 1
-    run_flow(*tiny_flow_args(mnist, broken, *args, "--resume", os.path.join(broken, "ckpt.pt")))
-    a = torch.load(os.path.join(whole, "ckpt.pt"), weights_only=True)
-    b = torch.load(os.path.join(broken, "ckpt.pt"), weights_only=True)
-    assert a["losses"] == b["losses"]
-    for name in a["model"]:
-        assert torch.equal(a["model"][name], b["model"][name]), name
-    assert open(os.path.join(whole, "loss.csv")).read() == open(os.path.join(broken, "loss.csv")).read()
+@pytest.mark.parametrize("classes", [0, 10])
+def test_autoguidance_moves_away_from_the_guides_prediction(classes):
+    model, guide, mixed, gamma = Spy(classes), Spy(classes), Spy(classes), 3.0
+    with torch.no_grad():  # u is linear in a Spy's parameters: u_guide + gamma (u - u_guide) is a Spy's u
+        guide.a.fill_(-0.2), guide.b.fill_(0.5), guide.w.mul_(-2)
+        for m, p, g in zip(mixed.parameters(), model.parameters(), guide.parameters()):
+            m.copy_(g + gamma * (p - g))
+    labels = torch.tensor([3, 1, 4, 1, 5]) if classes else None
+    got = flow.sample(flow.Autoguided(model, guide, gamma), 5, labels, steps=3, guidance=1.0, seed=2)
+    assert torch.allclose(got, flow.sample(mixed, 5, labels, steps=3, guidance=1.0, seed=2), atol=1e-5)
+    assert len(model.seen) == len(guide.seen) == 3  # one call of each a step, with the same input
+    for (x, t, c), (x_g, t_g, c_g) in zip(model.seen, guide.seen):  # the guide is asked for the same class
+        assert torch.equal(x, x_g) and torch.equal(t, t_g)
+        if classes:
+            assert torch.equal(c, torch.eye(10)[labels]) and torch.equal(c_g, c)
+        else:
+            assert c is c_g is None
 
 
-def test_benchmark_reports_speed_and_writes_nothing(mnist, tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    flow.main(["--benchmark", "--data", mnist, "--hidden", "8", "--limit", "256", "--batch-size", "8",
-               "--steps", "2", "--device", "cpu"])
-    line = capsys.readouterr().out.splitlines()[-1]
-    assert line.startswith("benchmark on cpu") and "images/s" in line and " s per " in line
-    assert os.listdir(tmp_path) == []
+# --- reflow ------------------------------------------------------------------------
 
 
-# --- sampling and scoring from a checkpoint -------------------------------------------
+class StraightFlow(torch.nn.Module):
+    """A flow whose paths are already straight: each x0 moves on the line to x1 = s x0 + m, whatever the
+    class, so u(x_t, t) = (s - 1) x0 + m with x0 = (x_t - t m) / (1 - t + t s). s and m can be learned."""
+
+    def __init__(self, s, m):
+        super().__init__()
+        self.num_classes, self.method = 10, "flow"
+        self.s, self.m = torch.nn.Parameter(torch.tensor(s)), torch.nn.Parameter(torch.tensor(m))
+
+    def forward(self, x_t, t, c=None):
+        t = t[:, :, None, None]
+        return (self.s - 1) * (x_t - t * self.m) / (1 - t + t * self.s) + self.m
 
 
-def test_sample_only_writes_to_runs_and_leaves_the_checkpoint_folder_alone(class_run, tmp_path, capsys,
-                                                                           monkeypatch):
-    before = sorted(os.listdir(class_run))
-    monkeypatch.chdir(tmp_path)
-    run_flow("--sample-only", "--ckpt", os.path.join(class_run, "model.pt"), "--steps", 2,
-             "--solver", "midpoint", "--amp", "--gif", "--device", "cpu")
-    out = tmp_path / "runs" / "flow_class"
-    assert str(out / "samples.png").endswith(capsys.readouterr().out.split()[1])
-    assert sorted(os.listdir(out)) == ["samples.png", "sampling.gif"]
-    assert Image.open(out / "samples.png").size == (604, 244)
-    assert Image.open(out / "sampling.gif").n_frames == 2 + 1
-    assert sorted(os.listdir(class_run)) == before
+def reflow_args(tmp_path, pairs, seed=3):
+    return argparse.Namespace(out=str(tmp_path), reflow="teacher.pt", seed=seed, amp=False, pairs=pairs)
 
 
-def test_sample_only_sweep_writes_one_row_per_value(class_run, tmp_path):
-    run_flow("--sample-only", "--ckpt", os.path.join(class_run, "ckpt.pt"), "--steps", 2,
-             "--guidance", "0,1,5", "--out", tmp_path, "--device", "cpu")
-    assert os.listdir(tmp_path) == ["sweep_guidance.png"]
-    figure = Image.open(tmp_path / "sweep_guidance.png")
-    assert figure.height == 3 * 2 * 32  # three rows of 28-pixel digits with their 2-pixel border, enlarged 2x
+def test_pairs_are_the_teachers_samples_from_seeded_noise(tmp_path):
+    teacher = StraightFlow(0.05, 0.5)
+    x1, labels, x0 = flow.make_pairs(teacher, reflow_args(tmp_path, 150))
+    assert x1.dtype == torch.uint8 and x1.shape == (150, 28, 28) and x0.shape == (150, 1, 28, 28)
+    assert torch.equal(labels, torch.arange(150) % 10)
+    for j, seed in ((0, 3 + 10 ** 6), (100, 3 + 10 ** 6 + 1)):  # a batch of 100 from each seed
+        assert torch.equal(x0[j:j + 100], noise(100, seed)[:len(x0) - j])
+    exact = (0.05 * x0 + 0.5).squeeze(1).clamp(0, 1) * 255  # where the straight lines end
+    assert (x1.float() - exact).abs().max() <= 0.5 + 1e-3  # the teacher's midpoint steps land there
+    teacher_x1 = flow.sample(teacher, 50, labels[100:], 5, 2.0, 3 + 10 ** 6 + 1, flow.midpoint_step)
+    assert torch.equal(x1[100:], teacher_x1.clamp(0, 1).mul(255).round().byte().squeeze(1))
+
+
+def test_pair_making_resumes_to_the_same_pairs_and_refuses_others(tmp_path):
+    teacher, calls = StraightFlow(0.05, 0.5), []
+    teacher.register_forward_hook(lambda module, inputs, output: calls.append(len(inputs[0])))
+    args = reflow_args(tmp_path, 250)
+    whole = flow.make_pairs(teacher, args, chunk=100, batch=50)
+    assert sorted(os.listdir(tmp_path / "pairs")) == ["pairs_000.pt", "pairs_001.pt", "pairs_002.pt"]
+    os.remove(tmp_path / "pairs" / "pairs_001.pt")  # the run was stopped while making it
+    calls.clear()
+    again = flow.make_pairs(teacher, args, chunk=100, batch=50)
+    assert sum(calls) == 100 * 2 * 10  # only the missing 100 pairs: 5 midpoint steps, both guidance halves
+    assert all(torch.equal(a, b) for a, b in zip(whole, again))
+    more = flow.make_pairs(teacher, reflow_args(tmp_path, 320), chunk=100, batch=50)  # a larger --pairs
+    assert all(torch.equal(a[:200], b[:200]) for a, b in zip(whole, more)) and len(more[0]) == 320
+    with pytest.raises(ValueError, match="holds pairs made with"):
+        flow.make_pairs(teacher, reflow_args(tmp_path, 250, seed=4), chunk=100, batch=50)  # other noise
+
+
+@pytest.mark.parametrize("paired", [True, False])
+def test_reflow_trains_on_the_teachers_pairing_and_reproduces_a_straight_flow_in_one_step(tmp_path, paired):
+    data = flow.make_pairs(StraightFlow(0.15, 0.5), reflow_args(tmp_path, 400))
+    if not paired:  # what training on fresh noise would see: the same digits, from other noise
+        data = data[:2] + [noise(400, seed=99)]
+    student = StraightFlow(0.3, 0.3)
+    optimizer = torch.optim.Adam(student.parameters(), lr=0.02)
+    args = argparse.Namespace(batch_size=50, amp=False, p_uncond=0.1, log_every=8, epochs=30)
+    torch.manual_seed(0)
+    losses = [flow.train_epoch(student, optimizer, data, epoch, args)[-1] for epoch in range(1, 31)]
+    x0 = noise(20, seed=5)
+    one_step = flow.sample(student, 20, steps=1, seed=5)
+    many_steps = flow.sample(StraightFlow(0.15, 0.5), 20, steps=50, seed=5)
+    if paired:  # the lines from x0 to the teacher's x1 are learned: loss ~ 0, one step lands where 50 do
+        assert losses[-1] < 1e-3 and (one_step - many_steps).abs().max() < 0.01
+        assert torch.allclose(one_step, 0.15 * x0 + 0.5, atol=0.01)
+    else:  # independent noise and digits: the lines cross, and no field follows them all
+        assert losses[-1] > 0.05
+
+
+def test_straightness_is_zero_for_straight_paths_and_measures_the_bend_of_curved_ones():
+    path = []
+    flow.sample(StraightFlow(0.05, 0.5), 4, steps=8, path=path)
+    assert flow.straightness(path) < 1e-10
+    model, path = Spy(), []
+    flow.sample(model, 4, steps=8, path=path)
+    displacement, bend = path[-1] - path[0], 0.0
+    for i in range(8):  # u_i = (x_{i+1} - x_i) / dt along the Euler path, against x_end - x_start
+        bend += ((displacement - 8 * (path[i + 1] - path[i])) ** 2).mean().item() / 8
+    assert flow.straightness(path) == pytest.approx(bend, rel=1e-5) and bend > 0.01
+
+
+def test_reflow_run_starts_from_the_teacher_and_samples_in_one_step_by_default(mnist, class_run, tmp_path,
+                                                                              capsys, monkeypatch):
+    out, teacher = tmp_path / "reflow", os.path.join(class_run, "model.pt")
+    run_flow("--reflow", teacher, "--pairs", 64, "--epochs", 1, "--batch-size", 32, "--out", out,
+             "--device", "cpu", "--log-every", 1)
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "loss.csv", "loss.png", "model.pt", "pairs",
+                                       "samples_epoch01.png"]
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["args"]["hidden"] == 8 and ckpt["args"]["lr"] == 1e-3  # the teacher's UNet, fine-tuned
+    assert (ckpt["args"]["steps"], ckpt["args"]["guidance"]) == (1, 1.0)  # grids: one call, no guidance
+    start = dict(flow.load_checkpoint(teacher).named_parameters())
+    moved = [(ckpt["model"][name] - value).abs().max().item() for name, value in start.items()]
+    assert 0 < max(moved) < 0.01  # two Adam steps of 1e-3 from the teacher's weights, not from a new UNet
+    calls = []
+    monkeypatch.setattr(flow, "sample_grid", lambda model, args, *a: calls.append((args.steps, args.guidance))
+                        or Image.new("L", (1, 1)))
+    run_flow("--sample-only", "--ckpt", out / "model.pt", "--out", tmp_path / "grid", "--device", "cpu")
+    assert calls == [(1, 1.0)]
+
+
+@pytest.mark.parametrize("teacher,says", [("time", "flow model, time-conditioned"),
+                                          ("ddpm", "ddpm model, class-conditioned"),
+                                          ("missing", "does not exist"),
+                                          ("foreign", "not a flow.py checkpoint")])
+def test_reflow_refuses_a_teacher_that_is_not_a_class_flow(mnist, tmp_path, capsys, teacher, says):
+    path = str(tmp_path / teacher / "model.pt")
+    if teacher in ("time", "ddpm"):
+        cond = "time" if teacher == "time" else "class"
+        run_flow(*tiny_flow_args(mnist, tmp_path / teacher, "--epochs", 1, "--cond", cond, "--method",
+                                 "flow" if teacher == "time" else "ddpm"))
+    elif teacher == "foreign":
+        os.makedirs(tmp_path / teacher)
+        torch.save({"model": {}}, path)
+    out = tmp_path / "student"
+    message = flow_error(capsys, "--reflow", path, "--out", out, "--data", mnist, "--device", "cpu")
+    assert says in message and not os.path.exists(out / "ckpt.pt")
+
+
+# --- sample quality, measured ------------------------------------------------------
 
 
 def test_frechet_distance_is_zero_for_one_set_and_exact_for_known_gaussians():
@@ -882,7 +1005,8 @@ def test_committed_class_weights_draw_the_digits_asked_for(mnist, run, solver):
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "samples", run, "model.pt")
     assert os.path.getsize(path) <= 5 * 2 ** 20
     labels = torch.arange(10).repeat(3)
-    x = flow.sample(flow.load_checkpoint(path), 30, labels, steps=10, solver=solver).clamp(0, 1)
+    model = flow.load_checkpoint(path)
+    x = flow.sample(model, 30, labels, steps=10, step=flow.solver_step(model, solver)).clamp(0, 1)
     images, digits = flow.load_mnist(mnist, "cpu", 2000, train=False)
     means = torch.stack([images[digits == k].float().mean(0) / 255 for k in range(10)])  # 10 x 28 x 28
     nearest = torch.cdist(x.flatten(1), means.flatten(1)).argmin(1)  # about 80% right on real test digits
@@ -894,7 +1018,8 @@ def test_committed_time_weights_draw_varied_digits(mnist, run, guide):
     path = lambda name: os.path.join(HERE, "samples", name, "model.pt")
     assert all(os.path.getsize(path(name)) <= 5 * 2 ** 20 for name in filter(None, (run, guide)))
     model, guide = flow.load_checkpoint(path(run)), guide and flow.load_checkpoint(path(guide))
-    x = flow.sample(model, 30, steps=10, guidance=2.0, guide=guide).clamp(0, 1).flatten(1)  # gamma: if guided
+    net, gamma = flow.guided(model, guide, 2.0)  # gamma 2: if guided
+    x = flow.sample(net, 30, steps=10, guidance=gamma).clamp(0, 1).flatten(1)
     images, digits = flow.load_mnist(mnist, "cpu", 2000, train=False)
     means = torch.stack([images[digits == k].float().mean(0) / 255 for k in range(10)]).flatten(1)
     real = torch.cdist(images[:300].float().flatten(1) / 255, means).min(1).values.mean()
@@ -902,7 +1027,44 @@ def test_committed_time_weights_draw_varied_digits(mnist, run, guide):
     assert distances.min(1).values.mean() <= 1.25 * real and len(set(distances.argmin(1).tolist())) >= 7
 
 
-# --- bad input: one clear sentence, a non-zero exit, nothing lost ---------------------
+# --- sweeps and sampling from a checkpoint -----------------------------------------
+
+
+def test_sample_only_writes_to_runs_and_leaves_the_checkpoint_folder_alone(class_run, tmp_path, capsys,
+                                                                           monkeypatch):
+    before = sorted(os.listdir(class_run))
+    monkeypatch.chdir(tmp_path)
+    run_flow("--sample-only", "--ckpt", os.path.join(class_run, "model.pt"), "--steps", 2,
+             "--solver", "midpoint", "--amp", "--gif", "--device", "cpu")
+    out = tmp_path / "runs" / "flow_class"
+    assert str(out / "samples.png").endswith(capsys.readouterr().out.split()[1])
+    assert sorted(os.listdir(out)) == ["samples.png", "sampling.gif"]
+    assert Image.open(out / "samples.png").size == (604, 244)
+    assert Image.open(out / "sampling.gif").n_frames == 2 + 1
+    assert sorted(os.listdir(class_run)) == before
+
+
+def test_sample_only_sweep_writes_one_row_per_value(class_run, tmp_path):
+    run_flow("--sample-only", "--ckpt", os.path.join(class_run, "ckpt.pt"), "--steps", 2,
+             "--guidance", "0,1,5", "--out", tmp_path, "--device", "cpu")
+    assert os.listdir(tmp_path) == ["sweep_guidance.png"]
+    figure = Image.open(tmp_path / "sweep_guidance.png")
+    assert figure.height == 3 * 2 * 32  # three rows of 28-pixel digits with their 2-pixel border, enlarged 2x
+
+
+# --- speed -------------------------------------------------------------------------
+
+
+def test_benchmark_reports_speed_and_writes_nothing(mnist, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    flow.main(["--benchmark", "--data", mnist, "--hidden", "8", "--limit", "256", "--batch-size", "8",
+               "--steps", "2", "--device", "cpu"])
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line.startswith("benchmark on cpu") and "images/s" in line and " s per " in line
+    assert os.listdir(tmp_path) == []
+
+
+# --- bad input: one clear sentence, a non-zero exit, nothing lost ------------------
 
 
 @pytest.mark.parametrize("argv,says", [
@@ -980,7 +1142,7 @@ def test_a_diverging_loss_stops_and_keeps_the_last_good_checkpoint(mnist, tmp_pa
     assert open(ckpt_path, "rb").read() == before
 
 
-# --- each script stands alone ---------------------------------------------------------
+# --- each script stands alone ------------------------------------------------------
 
 
 @pytest.mark.parametrize("script, out", [("denoise.py", "denoise"), ("flow.py", "flow_class")])
