@@ -8,10 +8,12 @@ with Euler steps; with classes, classifier-free guidance mixes the conditional a
 unconditional velocities. Part one below is the course assignment, read top to bottom; part two,
 after the banner "beyond the assignment", adds what goes further, each in a section of its own.
 
-    python flow.py --cond class --epochs 10        # class-conditioned, 4 of each digit -> runs/flow_class
-    python flow.py --cond time --epochs 10         # time-only, 40 unconditional digits -> runs/flow_time
     python flow.py --sample-only --ckpt samples/flow_class/model.pt --steps 10 --guidance 2   # seconds
-    python flow.py --evaluate 1000 --ckpt samples/flow_class/model.pt --solver midpoint --steps 25
+    python flow.py --cond class --epochs 10    # the assignment's run, 4 of each digit -> runs/flow_class
+    python flow.py --cond time --epochs 10     # time-only, 40 unconditional digits -> runs/flow_time
+    python flow.py --hidden 16 --batch-size 16 --epochs 2 --limit 20000 --ema 0.999 --sinusoidal-t \
+        --time-every-block --logit-normal-t --steps 10 --guidance 2   # a CPU's own digits in 2 minutes
+    python flow.py --evaluate 1000 --ckpt samples/flow_class/model.pt --steps 10 --guidance 2   # scores
 
 Outputs, in --out (default runs/<method>_<cond>), after every epoch: loss.csv, loss.png and ckpt.pt
 (--resume it after a crash); samples_epochNN.png after the --sample-epochs and the last; model.pt at
@@ -452,7 +454,7 @@ def measure_batchnorm(ema, loss_fn, data, args, batches=20, batch_size=256):
     ema.train()  # BatchNorm normalises by, and records, each batch's own statistics
     with torch.random.fork_rng():  # training draws the same random numbers as without an EMA
         for _ in range(batches):
-            idx = torch.randint(len(data[0]), (batch_size,), device=data[0].device)
+            idx = torch.randint(len(data[0]), (min(batch_size, len(data[0])),), device=data[0].device)
             images, labels, *more = (d[idx] for d in data)
             with torch.autocast(images.device.type, torch.bfloat16, enabled=args.amp):
                 loss_fn(ema, images.unsqueeze(1).float() / 255, labels if ema.num_classes else None,
@@ -840,7 +842,7 @@ def training(args, device):
         if (teacher.method, teacher.num_classes) != ("flow", 10):
             kind = f"{teacher.method} model, {'class' if teacher.num_classes else 'time'}-conditioned"
             raise ValueError(f"--reflow needs a class-conditioned flow model: {args.reflow} is a {kind}")
-        for key in ("hidden", "sinusoidal_t", "time_every_block"):  # the student is the teacher's UNet
+        for key in ("cond", "hidden", "sinusoidal_t", "time_every_block"):  # the teacher's UNet
             setattr(args, key, teacher.settings.get(key, False))
         model, data = copy.deepcopy(teacher).train(), make_pairs(teacher, args)
     else:
@@ -916,11 +918,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(
         description="Flow matching on MNIST with time or class input, as assigned, and beyond.",
         epilog="--sample-only and --evaluate sweep lists: --solver, --steps and --guidance take commas.")
-    add = parser.add_argument
-    # the assignment: model, optimisation, sampling
+    add = parser.add_argument_group("the assignment").add_argument
     add("--cond", choices=["time", "class"], default="class", help="time, or time and digit (default: class)")
     add("--hidden", type=positive(int), default=64, metavar="D", help="UNet width D (default: %(default)s)")
-    add("--p-uncond", type=float, default=0.1, help="class dropout, Alg. B.3 (default: %(default)s)")
+    add("--p-uncond", type=float, default=0.1, metavar="P", help="class dropout, Alg. B.3 (default: 0.1)")
     add("--epochs", type=positive(int), default=10, metavar="N", help="epochs (default: 10; ddpm 20)")
     add("--batch-size", type=positive(int), default=64, metavar="N", help="batch (default: 64; ddpm 128)")
     add("--lr", type=positive(float), default=0.01,
@@ -932,15 +933,16 @@ def main(argv=None):
     add("--sample-epochs", type=number_list(positive(int)), default="1,5,10", metavar="LIST",
         help="epochs with a sample grid, and the last (default: 1,5,10; ddpm 1,5,10,20)")
     add("--gif", action="store_true", help="also write sampling.gif, the last grid's path (default: off)")
-    # input, output, system
+    add = parser.add_argument_group("input, output, system").add_argument
     add("--data", default="data", help="MNIST root, downloaded if missing (default: %(default)s)")
     add("--out", help="output folder (default: runs/<method>_<cond>)")
     add("--resume", metavar="CKPT", help="continue training from this checkpoint (default: start afresh)")
     add("--amp", action="store_true", help="bfloat16 autocast for training and sampling (default: off, fp32)")
-    add("--log-every", type=positive(int), default=100, help="steps between log lines (default: %(default)s)")
-    add("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto", help="auto: cuda, mps or cpu")
+    add("--log-every", type=positive(int), default=100, metavar="N", help="steps a log line (default: 100)")
+    add("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto",
+        help="auto: cuda, then mps, then cpu (default: auto)")
     add("--seed", type=int, default=180, help="random seed for training and sampling (default: %(default)s)")
-    # beyond the assignment
+    add = parser.add_argument_group("beyond the assignment").add_argument
     add("--sinusoidal-t", action="store_true", help="feed sin and cos of t at 16 frequencies (default: off)")
     add("--time-every-block", action="store_true", help="t scales and shifts every block (default: off)")
     add("--logit-normal-t", action="store_true", help="train on t = sigmoid(N(0, 1)) (default: off)")

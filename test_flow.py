@@ -1000,13 +1000,15 @@ def test_evaluate_with_a_guide_counts_its_calls_and_a_guide_like_the_model_chang
     assert "--autoguide needs a flow time model" in message
 
 
-@pytest.mark.parametrize("run, solver", [("flow_class", "midpoint"), ("ddpm_class", "ddim")])
-def test_committed_class_weights_draw_the_digits_asked_for(mnist, run, solver):
+@pytest.mark.parametrize("run, solver, steps, guidance", [("flow_class", "midpoint", 10, 5.0),
+                                                           ("ddpm_class", "ddim", 10, 5.0),
+                                                           ("flow_class_reflow", "euler", 1, 1.0)])
+def test_committed_class_weights_draw_the_digits_asked_for(mnist, run, solver, steps, guidance):
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "samples", run, "model.pt")
     assert os.path.getsize(path) <= 5 * 2 ** 20
     labels = torch.arange(10).repeat(3)
     model = flow.load_checkpoint(path)
-    x = flow.sample(model, 30, labels, steps=10, step=flow.solver_step(model, solver)).clamp(0, 1)
+    x = flow.sample(model, 30, labels, steps, guidance, step=flow.solver_step(model, solver)).clamp(0, 1)
     images, digits = flow.load_mnist(mnist, "cpu", 2000, train=False)
     means = torch.stack([images[digits == k].float().mean(0) / 255 for k in range(10)])  # 10 x 28 x 28
     nearest = torch.cdist(x.flatten(1), means.flatten(1)).argmin(1)  # about 80% right on real test digits
@@ -1163,3 +1165,21 @@ def test_the_shared_pieces_are_identical_in_both_scripts():
     for name in ("bn_gelu", "ConvBlock", "DownBlock", "UpBlock", "load_mnist", "grid_image", "canvas",
                  "plot_loss", "read_checkpoint"):
         assert inspect.getsource(getattr(flow, name)) == inspect.getsource(getattr(denoise, name)), name
+
+
+def test_the_readmes_name_only_files_and_flags_that_exist(capsys):
+    import re
+    lesson, notebook = (open(os.path.join(HERE, p)).read() for p in ("README.md", "samples/README.md"))
+    linked = re.findall(r"\]\(((?:samples/)?[\w/.-]+\.(?:png|gif|md))\)", lesson + notebook)
+    for path in linked:  # the notebook's links are relative to samples/
+        assert any(os.path.exists(os.path.join(HERE, root, path)) for root in ("", "samples")), path
+    for folder in os.listdir(os.path.join(HERE, "samples")):  # each folder with the command that made it
+        if os.path.isdir(os.path.join(HERE, "samples", folder)):
+            assert re.search(rf"--out samples/{folder}\b", notebook), folder
+    helps = []
+    for script in (flow, denoise):
+        with pytest.raises(SystemExit):
+            script.main(["--help"])
+        helps.append(capsys.readouterr().out)
+    for flag in set(re.findall(r"`(--[a-z-]+)", lesson)):
+        assert any(flag in text for text in helps), flag
