@@ -1079,6 +1079,8 @@ def test_benchmark_reports_speed_and_writes_nothing(mnist, tmp_path, capsys, mon
     (["--evaluate", "10", "--gif"], "--gif animates one grid"),
     (["--method", "ddpm", "--logit-normal-t"], "--logit-normal-t is for flow matching"),
     (["--autoguide", "guide.pt"], "--autoguide is for --sample-only and --evaluate"),
+    (["--reflow", "teacher.pt", "--method", "ddpm"], "--reflow trains a flow model"),
+    (["--reflow", "teacher.pt", "--evaluate", "10"], "--reflow trains a flow model"),
 ])
 def test_bad_flags_are_refused(capsys, argv, says):
     assert says in flow_error(capsys, *argv)
