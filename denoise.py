@@ -333,7 +333,8 @@ def read_checkpoint(path, device="cpu"):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="One-step denoising UNet on MNIST (assignment part 1).")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     # model and objective
     add("--sigma", type=float, default=0.5, help="noise level, z = x + sigma eps (default: %(default)s)")

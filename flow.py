@@ -11,7 +11,7 @@ after the banner "beyond the assignment", adds what goes further, each in a sect
     python flow.py --sample-only --ckpt samples/flow_class/model.pt --steps 10 --guidance 2   # seconds
     python flow.py --cond class --epochs 10    # the assignment's run, 4 of each digit -> runs/flow_class
     python flow.py --cond time --epochs 10     # time-only, 40 unconditional digits -> runs/flow_time
-    python flow.py --hidden 16 --batch-size 16 --epochs 2 --limit 20000 --ema 0.999 --sinusoidal-t \
+    python flow.py --hidden 16 --batch-size 16 --epochs 2 --limit 20000 --ema 0.999 --sinusoidal-t \\
         --time-every-block --logit-normal-t --steps 10 --guidance 2   # a CPU's own digits in 2 minutes
     python flow.py --evaluate 1000 --ckpt samples/flow_class/model.pt --steps 10 --guidance 2   # scores
 
@@ -916,8 +916,8 @@ def sampling_defaults(args, sweep):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        description="Flow matching on MNIST with time or class input, as assigned, and beyond.",
-        epilog="--sample-only and --evaluate sweep lists: --solver, --steps and --guidance take commas.")
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="--sample-only and --evaluate sweep comma-separated --solver, --steps and --guidance.")
     add = parser.add_argument_group("the assignment").add_argument
     add("--cond", choices=["time", "class"], default="class", help="time, or time and digit (default: class)")
     add("--hidden", type=positive(int), default=64, metavar="D", help="UNet width D (default: %(default)s)")
