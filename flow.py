@@ -479,6 +479,8 @@ def keep_ema(optimizer, model, data, loss_fn, args):
 
     def load(optimizer, state):
         nonlocal updates
+        if "ema" not in state:  # written before the optimizer kept the EMA
+            raise ValueError("this checkpoint keeps its EMA outside the optimizer: train afresh to resume")
         ema.load_state_dict(state["ema"])
         updates = state["ema_updates"]
 
@@ -572,7 +574,7 @@ def load_checkpoint(path, device="cpu"):
     ckpt = read_checkpoint(path, device)
     model = build_unet(ckpt["args"])
     try:
-        model.load_state_dict(ckpt.get("optimizer", {}).get("ema") or ckpt["model"])
+        model.load_state_dict(ckpt.get("optimizer", {}).get("ema") or ckpt.get("ema") or ckpt["model"])
     except RuntimeError as e:
         raise ValueError(f"the weights in {path} do not fit the UNet its flags describe") from e
     return model.to(device, memory_format=torch.channels_last).eval()  # faster convolutions, as in training
