@@ -14,10 +14,11 @@ after the banner "beyond the assignment", adds what goes further, each in a sect
     python flow.py --hidden 16 --batch-size 16 --epochs 2 --limit 20000 --ema 0.999 --sinusoidal-t \\
         --time-every-block --logit-normal-t --steps 10 --guidance 2   # a CPU's own digits in 2 minutes
     python flow.py --evaluate 1000 --ckpt samples/flow_class/model.pt --steps 10 --guidance 2   # scores
+    python flow.py --predictions --ckpt samples/flow_class/model.pt   # x_t beside the network's guess of x1
 
 Outputs, in --out (default runs/<method>_<cond>), after every epoch: loss.csv, loss.png and ckpt.pt
 (--resume it after a crash); samples_epochNN.png after the --sample-epochs and the last; model.pt at
-the end. 10 class epochs take 103 min on a 2-core Xeon in fp32, 40 with --amp; --benchmark measures yours.
+the end. --benchmark times your machine; samples/README.md gives every run's wall time.
 """
 import argparse
 import copy
@@ -99,7 +100,10 @@ class UNet(nn.Module):
         else:
             unflatten = unflatten * t1
         up1 = self.up1(torch.cat([e2, unflatten], 1))  # D x 14 x 14
-        up1 = c2 * up1 + t2 if self.num_classes else up1 * t2
+        if self.num_classes:
+            up1 = c2 * up1 + t2
+        else:
+            up1 = up1 * t2
         up2 = self.up2(torch.cat([e1, up1], 1))  # D x 28 x 28
         return self.conv_out(torch.cat([e0, up2], 1))  # 1 x 28 x 28
 
@@ -124,40 +128,42 @@ def flow_matching_loss(model, x1, labels=None, p_uncond=0.1, x0=None, t=None):
     return F.mse_loss(model(x_t, t, class_input(model, labels, p_uncond)), x1 - x0)
 
 
-def euler_step(predict, x, i, steps):
-    """Step i of Algorithm B.2: x <- x + (1/T) u_theta(x, i/T), with T = steps."""
+def velocity(model, x, t, c=None, guidance=1.0):
+    """u_theta(x, t, c) for every image of x at time t (a number); with c, guided by classifier-free
+    guidance (Algorithm B.4), the conditional and the unconditional velocity (c = 0) in one batch."""
+    t = torch.full((x.shape[0], 1), t, device=x.device)
+    if c is None or guidance == 1:
+        return model(x, t, c).float()  # fp32 under --amp
+    u_cond, u_uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([c, 0 * c])).float().chunk(2)
+    return u_uncond + guidance * (u_cond - u_uncond)
+
+
+def euler_step(u, x, i, steps):
+    """Step i of Algorithm B.2: x <- x + (1/T) u(x, i/T), with T = steps and u the velocity field."""
     dt = 1.0 / steps
-    return x + dt * predict(x, i * dt)
+    return x + dt * u(x, i * dt)
 
 
 @torch.inference_mode()
-def sample(model, n, labels=None, steps=50, guidance=5.0, seed=0, step=euler_step, path=None):
-    """n digits from noise x0 ~ N(0, I), `steps` steps from t = 0 to 1 (Algorithm B.2). labels (a LongTensor
-    of digits) turns on classifier-free guidance of weight `guidance` (Algorithm B.4). `path`, if a
-    list, receives x at every step, on the CPU."""
+def sample(model, n, labels=None, steps=50, guidance=5.0, seed=0, step_fn=euler_step, trajectory=None):
+    """n digits from noise x0 ~ N(0, I), `steps` steps of step_fn from t = 0 to 1 (Algorithm B.2). labels
+    (a LongTensor of digits) turns on classifier-free guidance of weight `guidance` (Algorithm B.4).
+    `trajectory`, if a list, receives x at t = 0, 1/steps, ..., 1, on the CPU."""
     was_training = model.training
     model.eval()  # BatchNorm uses its running statistics
     device = next(model.parameters()).device
     c = None if labels is None else F.one_hot(labels.to(device), model.num_classes).float()
-
-    def predict(x, t):  # u_theta(x, t, c), guided
-        t = torch.full((x.shape[0], 1), t, device=device)
-        if labels is None or guidance == 1:
-            return model(x, t, c).float()  # fp32 under --amp
-        # the conditional and the unconditional velocity (c = 0) in one batch
-        u_cond, u_uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([c, 0 * c])).float().chunk(2)
-        return u_uncond + guidance * (u_cond - u_uncond)
-
+    u = lambda x, t: velocity(model, x, t, c, guidance)  # the field that the steps follow
     # the noise comes from the seed alone, and the training run's random stream is left where it was
     with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type):
         torch.manual_seed(seed)
         x = torch.randn(n, 1, 28, 28, device=device)  # x0
         for i in range(steps):
-            if path is not None:
-                path.append(x.cpu())
-            x = step(predict, x, i, steps)
-    if path is not None:
-        path.append(x.cpu())
+            if trajectory is not None:
+                trajectory.append(x.cpu())
+            x = step_fn(u, x, i, steps)
+    if trajectory is not None:
+        trajectory.append(x.cpu())
     model.train(was_training)
     return x
 
@@ -185,12 +191,12 @@ TRAINING_FLAGS = ["cond", "hidden", "p_uncond", "batch_size", "epochs", "lr", "l
 
 def train_epoch(model, optimizer, data, epoch, args, loss_fn=flow_matching_loss):
     """One pass over data, (images, labels, any more per-image inputs of loss_fn), in a fresh random
-    order. Returns the per-step losses; stops at the first log step that finds one non-finite."""
+    order. Returns the per-step losses."""
     device, steps = data[0].device, len(data[0]) // args.batch_size  # the last partial batch is dropped
     model.train()
     perm = torch.randperm(len(data[0]), device=device)
     losses = torch.zeros(steps, device=device)  # read back at log steps only: no sync per step
-    t_epoch = t_log = time.time()
+    t_epoch = time.time()
     for step in range(steps):
         images, labels, *more = (d[perm[step * args.batch_size:(step + 1) * args.batch_size]] for d in data)
         x1 = images.unsqueeze(1).float() / 255  # B x 1 x 28 x 28 in [0, 1]
@@ -200,25 +206,27 @@ def train_epoch(model, optimizer, data, epoch, args, loss_fn=flow_matching_loss)
         loss.backward()
         optimizer.step()
         losses[step] = loss.detach()
-        if (step + 1) % args.log_every and step + 1 < steps:
-            continue
-        seen = losses[:step + 1].cpu()
-        if not seen.isfinite().all():
-            first = int((~seen.isfinite()).nonzero()[0])
-            kept = f"the checkpoint of epoch {epoch - 1} is kept" if epoch > 1 else "no checkpoint exists yet"
-            at = (epoch - 1) * steps + first + 1
-            raise ValueError(f"the loss became {seen[first].item()} at step {at}; {kept}; try a lower --lr")
-        now = time.time()
-        eta = (now - t_epoch) / (step + 1) * ((args.epochs - epoch + 1) * steps - step - 1)
-        count = ((step + 1) % args.log_every or args.log_every) * args.batch_size  # since the last line
-        print(f"epoch {epoch:3d}/{args.epochs} | step {step + 1:5d}/{steps} | loss {seen[-1].item():.4f} | "
-              f"lr {optimizer.param_groups[0]['lr']:.2e} | {count / (now - t_log):6.0f} img/s | "
-              f"eta {eta / 60:5.1f} min", flush=True)
-        t_log = now
-    return seen.tolist()
+        if (step + 1) % args.log_every == 0 or step + 1 == steps:
+            log_progress(losses[:step + 1].cpu(), steps, epoch, args, optimizer, time.time() - t_epoch)
+    return losses.tolist()
 
 
-def train(args, model, optimizer, data, loss_fn=flow_matching_loss, step=euler_step, net=None):
+def log_progress(losses, steps, epoch, args, optimizer, seconds):
+    """A log line after the epoch's losses so far, with the speed and the time left; stops the run at a
+    loss that is no longer finite."""
+    if not losses.isfinite().all():
+        first = int((~losses.isfinite()).nonzero()[0])
+        kept = f"the checkpoint of epoch {epoch - 1} is kept" if epoch > 1 else "no checkpoint exists yet"
+        at = (epoch - 1) * steps + first + 1
+        raise ValueError(f"the loss became {losses[first].item()} at step {at}; {kept}; try a lower --lr")
+    done = len(losses)
+    eta = seconds / done * ((args.epochs - epoch + 1) * steps - done)
+    print(f"epoch {epoch:3d}/{args.epochs} | step {done:5d}/{steps} | loss {losses[-1].item():.4f} | "
+          f"lr {optimizer.param_groups[0]['lr']:.2e} | {done * args.batch_size / seconds:6.0f} img/s | "
+          f"eta {eta / 60:5.1f} min", flush=True)
+
+
+def train(args, model, optimizer, data, loss_fn=flow_matching_loss, step_fn=euler_step, net=None):
     """args.epochs epochs of train_epoch, the learning rate falling 10x over the run; after each epoch
     the loss, its plot and ckpt.pt, and a grid after the --sample-epochs and the last. `net`, the
     network that draws the grids and that model.pt ships, is the model itself unless given."""
@@ -238,11 +246,11 @@ def train(args, model, optimizer, data, loss_fn=flow_matching_loss, step=euler_s
         save_progress(epoch, args, model, optimizer, scheduler, losses, lrs, net)
         msg = f"epoch {epoch} done in {time.time() - t0:.1f}s, mean loss {sum(losses[-steps:]) / steps:.4f}"
         if epoch in args.sample_epochs or epoch == args.epochs:
-            t_sample, frames = time.time(), [] if args.gif and epoch == args.epochs else None
+            t_sample, trajectory = time.time(), [] if args.gif and epoch == args.epochs else None
             name = f"samples_epoch{epoch:02d}.png"
-            sample_grid(net, args, frames, step).save(os.path.join(args.out, name))
-            if frames:
-                save_gif(os.path.join(args.out, "sampling.gif"), frames)
+            sample_grid(net, args, trajectory, step_fn).save(os.path.join(args.out, name))
+            if trajectory:
+                save_gif(os.path.join(args.out, "sampling.gif"), trajectory)
             msg += f"; wrote {name} in {time.time() - t_sample:.1f}s"
         print(msg, flush=True)
 
@@ -277,17 +285,17 @@ def grid_image(x, nrow=10, scale=2):
     return img.resize((img.width * scale, img.height * scale), Image.NEAREST)
 
 
-def sample_grid(model, args, path=None, step=euler_step):
+def sample_grid(model, args, trajectory=None, step_fn=euler_step):
     """The assignment's figure: 40 digits; with classes, column k holds 4 samples of digit k."""
     labels = torch.arange(10).repeat(4) if model.num_classes else None
     with torch.autocast(next(model.parameters()).device.type, torch.bfloat16, enabled=args.amp):
-        x = sample(model, 40, labels, args.steps, args.guidance, args.seed, step, path)
+        x = sample(model, 40, labels, args.steps, args.guidance, args.seed, step_fn, trajectory)
     return grid_image(x)
 
 
 def save_gif(path, frames, num_frames=40):
-    """The sampling trajectory as an animated GIF: num_frames evenly spaced steps, then a pause.
-    16 grey levels keep the noisy early frames compressible (about 600 KB instead of 2.6 MB)."""
+    """A sampling trajectory as an animated GIF: num_frames evenly spaced steps, then a pause.
+    16 grey levels keep the noisy early frames compressible."""
     picks = sorted({round(k * (len(frames) - 1) / (num_frames - 1)) for k in range(num_frames)})
     images = [grid_image(frames[i]).point(lambda v: v // 16 * 17).convert("P") for i in picks]
     durations = [80] * (len(images) - 1) + [1500]
@@ -446,7 +454,7 @@ def update_ema(ema, model, decay, step):
 @torch.no_grad()
 def measure_batchnorm(ema, loss_fn, data, args, batches=20, batch_size=256):
     """The EMA's BatchNorm statistics, measured afresh on `batches` training inputs: the raw model's
-    fit the raw weights, not their average (copied, they cost the EMA's samples FD 34 against 16)."""
+    fit the raw weights, not their average, and copied they cost the EMA's samples much of their gain."""
     norms = [m for m in ema.modules() if isinstance(m, nn.BatchNorm2d)]
     for m in norms:
         m.reset_running_stats()
@@ -492,55 +500,56 @@ def keep_ema(optimizer, model, data, loss_fn, args):
 
 
 # --- DDPM on the same UNet: the assignment's optional extension, as its DDPM version had it ---
-# DDPM runs the other way: x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps holds noise at t = T and the digit x0 at
-# t = 0, where flow matching has x_t = (1 - t) x0 + t x1 with noise x0 at t = 0 and the digit x1 at t = 1.
-# Both mix noise and data affinely; DDPM's mix is not straight, and its UNet predicts eps, not a velocity.
+# DDPM runs the other way: noise at t = NOISE_LEVELS, the digit at t = 0. Its paper calls the digit x0; here,
+# as everywhere in this file, x0 is noise and x1 the digit: x_t = sqrt(a_t) x1 + sqrt(1 - a_t) eps. Both mix
+# noise and data affinely; DDPM's mix is not straight, and its UNet predicts the noise eps, not a velocity
+# (sample()'s u is then eps_theta, guided by the same mix).
 TRAINING_FLAGS += ["method"]
-T = 300  # DDPM's noise levels t = 1..T; the UNet sees t / T
+NOISE_LEVELS = 300  # DDPM's t = 1..NOISE_LEVELS; the UNet sees t / NOISE_LEVELS
 
 
 @functools.cache  # made once per device, not at every training or sampling step
 @torch.inference_mode(False)  # a plain tensor even if first made while sampling, so training can use it
 def alpha_bar(device="cpu"):
-    """a_t = prod_{s <= t} (1 - beta_s) for t = 0..T, betas evenly spaced from 1e-4 to 0.02; a_0 = 1."""
-    betas = torch.linspace(1e-4, 0.02, T, device=device)
+    """a_t = prod_{s <= t} (1 - beta_s) for t = 0..NOISE_LEVELS, the betas evenly spaced from 1e-4 to 0.02."""
+    betas = torch.linspace(1e-4, 0.02, NOISE_LEVELS, device=device)
     return torch.cat([torch.ones(1, device=device), torch.cumprod(1 - betas, 0)])
 
 
-def ddpm_loss(model, x0, labels=None, p_uncond=0.1):
-    """Mean squared error between eps_theta(x_t, t / T, c) and the noise eps that made x_t."""
-    eps = torch.randn_like(x0)
-    t = torch.randint(1, T + 1, (x0.shape[0], 1), device=x0.device)
-    a = alpha_bar(x0.device)[t][:, :, None, None]
-    x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
-    return F.mse_loss(model(x_t, t / T, class_input(model, labels, p_uncond)), eps)
+def ddpm_loss(model, x1, labels=None, p_uncond=0.1):
+    """Mean squared error between eps_theta(x_t, t / NOISE_LEVELS, c) and the noise eps that made x_t."""
+    eps = torch.randn_like(x1)
+    t = torch.randint(1, NOISE_LEVELS + 1, (x1.shape[0], 1), device=x1.device)
+    a = alpha_bar(x1.device)[t][:, :, None, None]
+    x_t = a.sqrt() * x1 + (1 - a).sqrt() * eps
+    return F.mse_loss(model(x_t, t / NOISE_LEVELS, class_input(model, labels, p_uncond)), eps)
 
 
-def ddpm_step(predict, x, i, steps, ddim=False):
-    """Step i of `steps` from noise level t down to s, through T, T - T/steps, ..., 0: --solver ddpm draws
-    x_s from the posterior given x0_hat (the ancestral sampler, noise sqrt(beta) z); ddim puts x0_hat and
-    eps back together at s."""
-    if steps > T:
-        raise ValueError(f"a DDPM model has {T} noise levels: use --steps {T} or fewer")
-    t, s = round(T * (steps - i) / steps), round(T * (steps - i - 1) / steps)
+def ddpm_step(eps_theta, x, i, steps, ddim=False):
+    """Step i of `steps` from noise level t down to s, through NOISE_LEVELS, ..., 0: --solver ddpm draws x_s
+    from the posterior given the digit x1_hat that eps implies (the ancestral sampler, noise sqrt(beta) z);
+    ddim puts x1_hat and eps back together at s."""
+    if steps > NOISE_LEVELS:
+        raise ValueError(f"a DDPM model has {NOISE_LEVELS} noise levels: use --steps {NOISE_LEVELS} or fewer")
+    t, s = (round(NOISE_LEVELS * (steps - k) / steps) for k in (i, i + 1))
     a = alpha_bar(x.device)
-    eps = predict(x, t / T)
-    x0_hat = (x - (1 - a[t]).sqrt() * eps) / a[t].sqrt()
+    eps = eps_theta(x, t / NOISE_LEVELS)
+    x1_hat = (x - (1 - a[t]).sqrt() * eps) / a[t].sqrt()
     if ddim:
-        return a[s].sqrt() * x0_hat + (1 - a[s]).sqrt() * eps
+        return a[s].sqrt() * x1_hat + (1 - a[s]).sqrt() * eps
     beta = 1 - a[t] / a[s]  # beta_t itself when s = t - 1, as with the default 300 steps
     z = torch.randn(x.shape, device=x.device) if s > 0 else 0  # from sample()'s seeded random stream
-    return (a[s].sqrt() * beta * x0_hat + (1 - beta).sqrt() * (1 - a[s]) * x) / (1 - a[t]) + beta.sqrt() * z
+    return (a[s].sqrt() * beta * x1_hat + (1 - beta).sqrt() * (1 - a[s]) * x) / (1 - a[t]) + beta.sqrt() * z
 
 
 # --- more solvers, and the UNet of any checkpoint ----------------------------
 
 
-def midpoint_step(predict, x, i, steps):
+def midpoint_step(u, x, i, steps):
     """Euler's step taken with the slope at its middle: 2 network calls, the error falling as 1/steps^2."""
     dt = 1.0 / steps
     t = i * dt
-    return x + dt * predict(x + dt / 2 * predict(x, t), t + dt / 2)
+    return x + dt * u(x + dt / 2 * u(x, t), t + dt / 2)
 
 
 SOLVERS = {"flow": {"euler": euler_step, "midpoint": midpoint_step},  # the first is the default
@@ -609,7 +618,7 @@ def guided(model, guide, guidance):
 # cross, so the student's paths are nearly straight and x1 ~ x0 + u_theta(x0, 0, c), one network call a
 # digit. The student learns the teacher's guided flow: it samples at gamma 1, with no unconditional half.
 TRAINING_FLAGS += ["reflow", "pairs"]
-TEACHER = {"solver": "midpoint", "steps": 5, "guidance": 2.0}  # 10 calls; FD within 1.1 of 50 calls
+TEACHER = {"solver": "midpoint", "steps": 5, "guidance": 2.0}  # 10 calls: second order, so near 50 calls
 
 
 def make_pairs(teacher, args, chunk=1000, batch=100):
@@ -631,12 +640,12 @@ def make_pairs(teacher, args, chunk=1000, batch=100):
         if pairs is None or len(pairs["labels"]) != size:  # missing, or made for another --pairs
             x0, x1, labels = [], [], []
             for j in range(first, first + size, batch):  # seeds apart from the ones --evaluate uses
-                n, path_x, seed = min(batch, first + size - j), [], args.seed + 10 ** 6 + j // batch
+                n, trajectory, seed = min(batch, first + size - j), [], args.seed + 10 ** 6 + j // batch
                 labels.append(torch.arange(j, j + n, device=device) % 10)
                 with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
                     digits = sample(teacher, n, labels[-1], TEACHER["steps"], TEACHER["guidance"], seed,
-                                    SOLVERS["flow"][TEACHER["solver"]], path_x)
-                x0.append(path_x[0].to(device))
+                                    SOLVERS["flow"][TEACHER["solver"]], trajectory)
+                x0.append(trajectory[0].to(device))
                 x1.append(digits.clamp(0, 1).mul(255).round().byte().squeeze(1))
                 made += n
                 eta = (time.time() - t0) / made * (args.pairs - j - n)
@@ -648,11 +657,120 @@ def make_pairs(teacher, args, chunk=1000, batch=100):
     return [torch.cat([p[key] for p in chunks]) for key in ("x1", "labels", "x0")]
 
 
-def straightness(path):
-    """Liu et al.'s S along an Euler path: the mean square of (x_end - x_start) - u, where u = (x_{i+1} - x_i)
-    / dt is the velocity of each step: 0 for a straight path."""
-    x = torch.stack(path)  # (steps + 1) x N x 1 x 28 x 28
-    return ((x[-1] - x[0]) - (x[1:] - x[:-1]) * (len(path) - 1)).square().mean().item()
+def straightness(trajectory):
+    """Liu et al.'s S along an Euler trajectory: the mean square of (x_end - x_start) - u, where u =
+    (x_{i+1} - x_i) / dt is the velocity of each step: 0 for a straight path."""
+    x = torch.stack(trajectory)  # (steps + 1) x N x 1 x 28 x 28
+    return ((x[-1] - x[0]) - (x[1:] - x[:-1]) * (len(trajectory) - 1)).square().mean().item()
+
+
+# --- inside the flow: what the network predicts along the way ----------------
+# From x_t the velocity points along a straight line that ends, at t = 1, on x1_hat = x_t + (1 - t) u_theta:
+# the network's guess of the finished digit (for the exact field at gamma 1, E[x1 | x_t, c]). At t = 0 the
+# noise tells nothing of x1, so the best guess is the mean training digit of the class, as Part 1's denoiser
+# answered pure noise, and one Euler step from t = 0 lands on that blur. Reflow trains on x1 made from x0,
+# so its guess at t = 0 is already a digit.
+
+
+def figure(rows, row_labels, col_labels=None, title=None, scale=3):
+    """Rows of digits (each N x 1 x 28 x 28, all of one length) as one labelled PIL image."""
+    strips = [grid_image(row, nrow=len(row), scale=scale) for row in rows]
+    left, top = 150, 8 + 22 * (title is not None) + 20 * (col_labels is not None)
+    img, draw = canvas(left + strips[0].width + 8, top + sum(s.height for s in strips) + 8)
+    if title:
+        draw.text((img.width / 2, 6), title, fill="black", anchor="mt")
+    for i, label in enumerate(col_labels or []):  # centred over column i
+        draw.text((left + (2 + 30 * i + 14) * scale, top - 4), label, fill="black", anchor="mb")
+    for i, (strip, label) in enumerate(zip(strips, row_labels)):
+        img.paste(strip, (left, top + i * strip.height))
+        draw.text((left - 8, top + (i + 0.5) * strip.height), label, fill="black", anchor="rm")
+    return img
+
+
+def path_figure(x1, seed):
+    """Eq. B.3 for each digit of x1 (N x 1 x 28 x 28), one row a digit: x_t at t = 0, 0.1, ..., 1."""
+    x0 = torch.randn(x1.shape, generator=torch.Generator().manual_seed(seed))
+    t = torch.linspace(0, 1, 11)[:, None, None, None]
+    rows = [(1 - t) * x0[k] + t * x1[k] for k in range(len(x1))]
+    names, times = [f"test digit {k + 1}" for k in range(len(x1))], [f"t = {v:.1f}" for v in t.flatten()]
+    return figure(rows, names, times, "x_t = (1 - t) x0 + t x1 (eq. B.3), what the network is trained on", 2)
+
+
+def guesses(trajectory):
+    """x1_hat at t = 0, 1/T, ..., (T - 1)/T along a trajectory of T Euler steps, whose velocity is read off
+    each step, u = (x_{i+1} - x_i) T: T x N x 1 x 28 x 28."""
+    x, steps = torch.stack(trajectory), len(trajectory) - 1
+    t = torch.arange(steps)[:, None, None, None, None] / steps
+    return x[:-1] + (1 - t) * (x[1:] - x[:-1]) * steps
+
+
+def predictions_figure(model, args, times=8):
+    """Ten Euler samples (class: digits 0 to 9), a row each: x_t beside x1_hat at `times` times from t = 0,
+    then the sample. Also those times and the mean square from x1_hat there to the sample."""
+    labels, trajectory = torch.arange(10) if model.num_classes else None, []
+    with torch.autocast(next(model.parameters()).device.type, torch.bfloat16, enabled=args.amp):
+        sample(model, 10, labels, args.steps, args.guidance, args.seed, euler_step, trajectory)
+    x1_hat, x1 = guesses(trajectory), trajectory[-1]
+    picks = [round(k * args.steps / times) for k in range(times)]  # the steps shown
+    rows = [torch.stack([x[n] for i in picks for x in (trajectory[i], x1_hat[i])] + [x1[n]])
+            for n in range(10)]
+    names = [f"digit {n}" if labels is not None else f"sample {n + 1}" for n in range(10)]
+    columns = [name for i in picks for name in (f"t = {i / args.steps:.2f}", "x1_hat")] + ["sample"]
+    title = (f"x_t and the network's guess x1_hat = x_t + (1 - t) u: Euler, {args.steps} steps"
+             + (f", gamma {args.guidance:g}" if labels is not None else ""))
+    distances = [(x1_hat[i] - x1).square().mean().item() for i in picks]
+    return figure(rows, names, columns, title, scale=2), [i / args.steps for i in picks], distances
+
+
+@torch.inference_mode()
+def guesses_from_noise(model, args, device, n=1000):
+    """A table: the guess at t = 0, x1_hat = x0 + u(x0, 0, c), of n noises (n/10 for each digit c), against
+    the exact field's: the class's mean training digit m_c (guided: m + gamma (m_c - m)), or the mean image
+    m for c = 0 and time-only models. Mean squares per draw, and of the average draw of each digit."""
+    images, digits = load_mnist(args.data, device)
+    x = images.unsqueeze(1).float() / 255
+    m, m_c = x.mean(0), torch.stack([x[digits == k].mean(0) for k in range(10)])  # 1 x 28 x 28, 10 x ...
+    labels = torch.arange(n, device=device) % 10
+    generator = torch.Generator(device).manual_seed(args.seed)
+    x0 = torch.randn(n, 1, 28, 28, device=device, generator=generator)
+    print(f"the guess at t = 0 of {n} noises, mean squares\n| guess | against | per draw | average draw |\n|"
+          + " --- |" * 2 + " ---: |" * 2)
+
+    def row(name, against, guess, target, draws=True):  # draws: averaged over each digit's draws too
+        error, average = guess - target, "-"
+        if draws:
+            average = torch.stack([error[labels == k].mean(0).square().mean() for k in range(10)])
+            average = f"{average.mean().item():.4f}"
+        print(f"| {name} | {against} | {error.square().mean().item():.4f} | {average} |")
+
+    model.eval()
+    if model.num_classes:
+        c, gamma = F.one_hot(labels, 10).float(), args.guidance
+        row(f"c = digit, gamma {gamma:g}", "m_c" if gamma == 1 else "m + gamma (m_c - m)",
+            x0 + velocity(model, x0, 0.0, c, gamma), m + gamma * (m_c[labels] - m))
+        row("c = 0", "m", x0 + velocity(model, x0, 0.0, 0 * c), m.expand_as(x0))
+        j, k = torch.tensor([(j, k) for j in range(10) for k in range(10) if j != k], device=device).T
+        row("scale: a training digit", "m_c", x, m_c[digits], draws=False)
+        row("scale: another digit's mean", "m_c", m_c[j], m_c[k], draws=False)
+    else:
+        row("time-only", "m", x0 + velocity(model, x0, 0.0), m.expand_as(x0))
+        row("scale: a training digit", "m", x, m.expand_as(x), draws=False)
+        row("scale: a digit's mean", "m", m_c, m.expand_as(m_c), draws=False)
+
+
+def inside_the_flow(model, args, device, out):
+    """--predictions: path.png and predictions.png in out, and the guesses' numbers."""
+    if model.method != "flow" or args.solver != "euler" or args.steps < 8:
+        raise ValueError("--predictions reads the velocity off Euler steps: it takes a flow model, "
+                         "--solver euler and --steps 8 or more")
+    test_digits = load_mnist(args.data, "cpu", 4, train=False)[0].unsqueeze(1) / 255
+    path_figure(test_digits, args.seed).save(os.path.join(out, "path.png"))
+    img, times, distances = predictions_figure(model, args)
+    img.save(os.path.join(out, "predictions.png"))
+    print("mean square from x1_hat to the sample: "
+          + ", ".join(f"t {t:.2f}: {d:.4f}" for t, d in zip(times, distances)))
+    guesses_from_noise(model, args, device)
+    print(f"wrote {os.path.join(out, 'path.png')} and {os.path.join(out, 'predictions.png')}")
 
 
 # --- sample quality, measured: a small MNIST classifier's verdict on the samples ---
@@ -743,12 +861,12 @@ def evaluate(model, args, device, sweep, guide=None, chunk=100):
         net, gamma = guided(model, guide, guidance if guidance != "-" else 1.0)
         t0, xs, bends = time.time(), [], []
         for i in range(0, n, chunk):  # in chunks: CPUs run them faster
-            path = [] if solver == "euler" else None
+            trajectory = [] if solver == "euler" else None
             with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
                 xs.append(sample(net, min(chunk, n - i), None if labels is None else labels[i:i + chunk],
-                                 steps, gamma, args.seed + i, solver_step(model, solver), path))
-            if path is not None:
-                bends.append(straightness(path) * len(xs[-1]) / n)
+                                 steps, gamma, args.seed + i, solver_step(model, solver), trajectory))
+            if trajectory is not None:
+                bends.append(straightness(trajectory) * len(xs[-1]) / n)
             done = i + len(xs[-1])  # progress on stderr, the table on stdout
             eta = (time.time() - t0) / done * (n - done)
             print(f"{solver}, {steps} steps: {done}/{n} samples, eta {eta:.0f}s", end="\r", file=sys.stderr)
@@ -781,7 +899,7 @@ def sweep_figure(model, args, sweep, guide=None):
 
 
 def from_checkpoint(args, device, sweep):
-    """The modes that need no training: --evaluate and --sample-only."""
+    """The modes that need no training: --evaluate, --predictions and --sample-only."""
     model = load_checkpoint(args.ckpt or os.path.join(args.out or default_out(args), "ckpt.pt"), device)
     args.method, args.cond = model.method, "class" if model.num_classes else "time"
     args.reflow = model.settings.get("reflow")
@@ -794,8 +912,10 @@ def from_checkpoint(args, device, sweep):
         model.compile()
     if args.evaluate:
         return evaluate(model, args, device, sweep, guide)
-    out, t_sample, frames = args.out or default_out(args), time.time(), [] if args.gif else None
+    out, t_sample, trajectory = args.out or default_out(args), time.time(), [] if args.gif else None
     prepare_out(out, resume=True)
+    if args.predictions:
+        return inside_the_flow(model, args, device, out)
     swept = [name for name, values in sweep.items() if len(values) > 1]
     if swept:  # sweep_steps.png, sweep_solver_steps.png, ...: the name says which settings vary
         path = os.path.join(out, "_".join(["sweep"] + swept) + ".png")
@@ -803,16 +923,16 @@ def from_checkpoint(args, device, sweep):
     else:
         path = os.path.join(out, "samples.png")
         net, args.guidance = guided(model, guide, args.guidance)
-        sample_grid(net, args, frames, solver_step(model, args.solver)).save(path)
-    if frames:
-        save_gif(os.path.join(out, "sampling.gif"), frames)
+        sample_grid(net, args, trajectory, solver_step(model, args.solver)).save(path)
+    if trajectory:
+        save_gif(os.path.join(out, "sampling.gif"), trajectory)
     print(f"wrote {path} in {time.time() - t_sample:.1f}s")
 
 
 # --- speed: a benchmark of the real code path, and torch.compile -------------
 
 
-def benchmark(model, data, args, loss_fn, step, steps=30):
+def benchmark(model, data, args, loss_fn, step_fn, steps=30):
     """Training images/s over `steps` steps and the seconds one sample grid takes, through the
     same functions a real run uses."""
     args.log_every, args.epochs, n = 10 ** 9, 1, min(len(data[0]), steps * args.batch_size)
@@ -828,7 +948,7 @@ def benchmark(model, data, args, loss_fn, step, steps=30):
 
     train_speed = n // args.batch_size * args.batch_size / seconds(
         lambda: train_epoch(model, optimizer, [d[:n] for d in data], 1, args, loss_fn))
-    grid_seconds = seconds(lambda: sample_grid(model, args, step=step))
+    grid_seconds = seconds(lambda: sample_grid(model, args, step_fn=step_fn))
     name = torch.cuda.get_device_name() if data[0].is_cuda else f"cpu, {torch.get_num_threads()} threads"
     print(f"benchmark on {name}: training {train_speed:.0f} images/s (batch {args.batch_size}); "
           f"{grid_seconds:.2f} s per 40-digit grid ({args.solver}, {args.steps} steps)")
@@ -854,14 +974,14 @@ def training(args, device):
         raise ValueError(f"--limit {len(data[0])} is less than --batch-size {args.batch_size}: raise --limit")
     loss_fn = logit_normal_loss if args.logit_normal_t else flow_matching_loss
     loss_fn = ddpm_loss if args.method == "ddpm" else loss_fn
-    step = solver_step(model, args.solver)
+    step_fn = solver_step(model, args.solver)
     if args.compile:
         model.compile()  # fuses BatchNorm, GELU and the rest; the first steps are slow while it compiles
     if args.benchmark:
-        return benchmark(model, data, args, loss_fn, step)
+        return benchmark(model, data, args, loss_fn, step_fn)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=device.type == "cuda")
     ema = keep_ema(optimizer, model, data, loss_fn, args) if args.ema else None  # sampled instead of model
-    train(args, model, optimizer, data, loss_fn, step, ema)
+    train(args, model, optimizer, data, loss_fn, step_fn, ema)
 
 
 def default_out(args):
@@ -908,11 +1028,13 @@ def number_list(kind):
 
 def sampling_defaults(args, sweep):
     """Fill in the sweep's lists not given (the method's first solver; 300 steps, 50 for a time-only flow,
-    1 for a reflowed one; guidance 5, 1 for a reflowed one), and set args to their first values."""
+    1 for a reflowed one, 40 for --predictions; guidance 5, 1 for a reflowed one and --predictions), and
+    set args to their first values."""
     sweep["solver"] = sweep["solver"] or list(SOLVERS[args.method])[:1]
     time_flow = (args.method, args.cond) == ("flow", "time")
-    sweep["steps"] = sweep["steps"] or [1 if args.reflow else 50 if time_flow else 300]
-    sweep["guidance"] = sweep["guidance"] or [1.0 if args.reflow else 5.0]
+    steps = 40 if args.predictions else 1 if args.reflow else 50 if time_flow else 300
+    sweep["steps"] = sweep["steps"] or [steps]
+    sweep["guidance"] = sweep["guidance"] or [1.0 if args.reflow or args.predictions else 5.0]
     args.solver, args.steps, args.guidance = (values[0] for values in sweep.values())
 
 
@@ -934,7 +1056,7 @@ def main(argv=None):
     add("--guidance", type=number_list(float), metavar="G", help="Alg. B.4 gamma (default: 5; reflow 1)")
     add("--sample-epochs", type=number_list(positive(int)), default="1,5,10", metavar="LIST",
         help="epochs with a sample grid, and the last (default: 1,5,10; ddpm 1,5,10,20)")
-    add("--gif", action="store_true", help="also write sampling.gif, the last grid's path (default: off)")
+    add("--gif", action="store_true", help="also write sampling.gif, the last grid's sampling (default: off)")
     add = parser.add_argument_group("input, output, system").add_argument
     add("--data", default="data", help="MNIST root, downloaded if missing (default: %(default)s)")
     add("--out", help="output folder (default: runs/<method>_<cond>)")
@@ -956,6 +1078,8 @@ def main(argv=None):
     add("--pairs", type=positive(int), default=60000, metavar="N", help="reflow pairs (default: %(default)s)")
     add("--sample-only", action="store_true", help="no training: a grid from --ckpt (default: off)")
     add("--evaluate", type=positive(int), metavar="N", help="no training: score N samples (default: off)")
+    add("--predictions", action="store_true",
+        help="no training: path.png, and predictions.png of --ckpt: x_t beside x1_hat (default: off)")
     add("--ckpt", help="checkpoint (or model.pt) to sample or score (default: OUT/ckpt.pt)")
     add("--compile", action="store_true", help="torch.compile the UNet; slow to start (default: off)")
     add("--benchmark", action="store_true", help="time 30 training steps and a grid, exit (default: off)")
@@ -969,7 +1093,7 @@ def main(argv=None):
         parser.error(f"--p-uncond must lie in [0, 1], got {args.p_uncond}")
     if args.logit_normal_t and args.method == "ddpm":
         parser.error("--logit-normal-t is for flow matching: DDPM draws t from 1..300")
-    no_training = args.sample_only or args.evaluate
+    no_training = args.sample_only or args.evaluate or args.predictions
     solvers = [*SOLVERS["flow"], *SOLVERS["ddpm"]] if no_training else list(SOLVERS[args.method])
     if set(args.solver or []) - set(solvers):
         parser.error(f"--solver takes {' or '.join(solvers)}, got {','.join(args.solver)}")
@@ -981,8 +1105,10 @@ def main(argv=None):
         parser.error("--autoguide is for --sample-only and --evaluate")
     if args.reflow and (no_training or args.method == "ddpm"):
         parser.error("--reflow trains a flow model: not with --method ddpm, --sample-only or --evaluate")
-    if args.gif and (swept or args.evaluate):
-        parser.error("--gif animates one grid: not with --evaluate or lists of settings")
+    if args.gif and (swept or args.evaluate or args.predictions):
+        parser.error("--gif animates one grid: not with --evaluate, --predictions or lists of settings")
+    if args.predictions and (swept or args.autoguide):
+        parser.error("--predictions draws one figure: not with --autoguide or lists of settings")
 
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     device = next(d for d in available if available[d]) if args.device == "auto" else args.device

@@ -644,24 +644,24 @@ def test_ema_run_samples_from_the_averaged_weights(mnist, tmp_path):
 
 def test_ddpm_schedule_runs_from_beta_1e4_to_2e2_with_alpha_bar_falling():
     a = flow.alpha_bar().double()
-    assert len(a) == flow.T + 1 and a[0] == 1
+    assert len(a) == flow.NOISE_LEVELS + 1 and a[0] == 1
     betas = 1 - a[1:] / a[:-1]
     assert betas[0] == pytest.approx(1e-4, rel=1e-3) and betas[-1] == pytest.approx(0.02, rel=1e-3)
-    assert (a[1:] < a[:-1]).all() and a[-1] < 0.05  # nearly pure noise at t = T
+    assert (a[1:] < a[:-1]).all() and a[-1] < 0.05  # nearly pure noise at t = NOISE_LEVELS
 
 
 def test_ddpm_loss_is_mse_to_the_noise():
     model = Spy(method="ddpm")
-    x0, labels = torch.rand(4, 1, 28, 28), torch.tensor([0, 3, 5, 9])
+    x1, labels = torch.rand(4, 1, 28, 28), torch.tensor([0, 3, 5, 9])
     torch.manual_seed(3)
-    loss = flow.ddpm_loss(model, x0, labels, p_uncond=0.0)
+    loss = flow.ddpm_loss(model, x1, labels, p_uncond=0.0)
     torch.manual_seed(3)  # the same draws, in the same order: eps, then t
-    eps, t = torch.randn_like(x0), torch.randint(1, flow.T + 1, (4, 1))
-    betas = torch.linspace(1e-4, 0.02, flow.T).double()
+    eps, t = torch.randn_like(x1), torch.randint(1, flow.NOISE_LEVELS + 1, (4, 1))
+    betas = torch.linspace(1e-4, 0.02, flow.NOISE_LEVELS).double()
     a = torch.stack([(1 - betas[:k]).prod() for k in t[:, 0]]).float()[:, None, None, None]
     x_t, t_in, c = model.seen[0]
-    assert torch.allclose(x_t, a.sqrt() * x0 + (1 - a).sqrt() * eps, atol=1e-6)
-    assert torch.allclose(t_in, t / flow.T) and torch.equal(c, torch.eye(10)[labels])
+    assert torch.allclose(x_t, a.sqrt() * x1 + (1 - a).sqrt() * eps, atol=1e-6)
+    assert torch.allclose(t_in, t / flow.NOISE_LEVELS) and torch.equal(c, torch.eye(10)[labels])
     expected = (model(x_t, t_in, c) - eps).pow(2).mean()
     assert torch.allclose(loss, expected)
 
@@ -669,28 +669,28 @@ def test_ddpm_loss_is_mse_to_the_noise():
 @pytest.mark.parametrize("solver", ["ddpm", "ddim"])
 def test_one_ddpm_step_with_the_true_noise_matches_the_formulas(solver):
     """From t = 300 with 300 steps: the ancestral step as specified; DDIM's
-    sqrt(a_s) x0 + sqrt(1 - a_s) eps."""
-    x0, eps = torch.rand(3, 1, 28, 28), noise(3, seed=1)
-    betas = torch.linspace(1e-4, 0.02, flow.T).double()
+    sqrt(a_s) x1 + sqrt(1 - a_s) eps, x1 the digit."""
+    x1, eps = torch.rand(3, 1, 28, 28), noise(3, seed=1)
+    betas = torch.linspace(1e-4, 0.02, flow.NOISE_LEVELS).double()
     a_t, a_s, beta = (1 - betas).prod(), (1 - betas[:-1]).prod(), betas[-1]
-    x_t = (a_t.sqrt() * x0 + (1 - a_t).sqrt() * eps).float()
+    x_t = (a_t.sqrt() * x1 + (1 - a_t).sqrt() * eps).float()
     step = flow.solver_step(flow.build_unet({"cond": "time", "hidden": 8, "method": "ddpm"}), solver)
     torch.manual_seed(9)
-    got = step(lambda x, t: eps, x_t, 0, flow.T)
+    got = step(lambda x, t: eps, x_t, 0, flow.NOISE_LEVELS)
     if solver == "ddim":
-        expected = a_s.sqrt() * x0 + (1 - a_s).sqrt() * eps
+        expected = a_s.sqrt() * x1 + (1 - a_s).sqrt() * eps
     else:
-        z = torch.randn(x0.shape, generator=torch.Generator().manual_seed(9))
-        expected = (a_s.sqrt() * beta / (1 - a_t) * x0 + (1 - beta).sqrt() * (1 - a_s) / (1 - a_t) * x_t
+        z = torch.randn(x1.shape, generator=torch.Generator().manual_seed(9))
+        expected = (a_s.sqrt() * beta / (1 - a_t) * x1 + (1 - beta).sqrt() * (1 - a_s) / (1 - a_t) * x_t
                     + beta.sqrt() * z)
     assert torch.allclose(got, expected.float(), atol=1e-5)
-    last = step(lambda x, t: eps, x_t, flow.T - 1, flow.T)  # t = 1 -> 0
+    last = step(lambda x, t: eps, x_t, flow.NOISE_LEVELS - 1, flow.NOISE_LEVELS)  # t = 1 -> 0
     assert torch.allclose(last, ((x_t - (1 - flow.alpha_bar()[1]).sqrt() * eps) / flow.alpha_bar()[1].sqrt()))
 
 
 class GaussianPixels(torch.nn.Module):
     """The exact noise predictor of a DDPM model when the data's pixels are independent N(mu, s^2):
-    eps = (x_t - sqrt(a_t) E[x0 | x_t]) / sqrt(1 - a_t), with E[x0 | x_t] linear in x_t."""
+    eps = (x_t - sqrt(a_t) E[x1 | x_t]) / sqrt(1 - a_t), with E[x1 | x_t] linear in x_t (x1 the digit)."""
 
     def __init__(self, mu, s):
         super().__init__()
@@ -698,15 +698,16 @@ class GaussianPixels(torch.nn.Module):
         self.device_holder = torch.nn.Parameter(torch.zeros(()))  # sample() finds the device here
 
     def forward(self, x_t, t, c=None):
-        a = flow.alpha_bar()[(t * flow.T).round().long()][:, :, None, None]
-        x0 = self.mu + a.sqrt() * self.s ** 2 / (a * self.s ** 2 + 1 - a) * (x_t - a.sqrt() * self.mu)
-        return (x_t - a.sqrt() * x0) / (1 - a).sqrt()
+        a = flow.alpha_bar()[(t * flow.NOISE_LEVELS).round().long()][:, :, None, None]
+        x1 = self.mu + a.sqrt() * self.s ** 2 / (a * self.s ** 2 + 1 - a) * (x_t - a.sqrt() * self.mu)
+        return (x_t - a.sqrt() * x1) / (1 - a).sqrt()
 
 
 @pytest.mark.parametrize("solver", ["ddpm", "ddim"])
 def test_ddpm_samplers_given_the_exact_noise_draw_from_the_data_distribution(solver):
     model = GaussianPixels(0.3, 0.2)
-    x = flow.sample(model, 64, steps=flow.T, step=flow.solver_step(model, solver), seed=1)  # 50,176 pixels
+    step_fn = flow.solver_step(model, solver)
+    x = flow.sample(model, 64, steps=flow.NOISE_LEVELS, step_fn=step_fn, seed=1)  # 50,176 pixels
     # measured: mean 0.300 and 0.287 (DDIM keeps the error of starting at N(0, I)), std 0.202 and 0.203
     assert x.mean().item() == pytest.approx(0.3, abs=0.02) and x.std().item() == pytest.approx(0.2, abs=0.01)
 
@@ -743,7 +744,7 @@ def test_ddpm_run_takes_its_defaults_and_writes_every_output(mnist, tmp_path, ca
 @pytest.mark.parametrize("solver,nfe", [("euler", 1), ("midpoint", 2), ("ddpm", 1), ("ddim", 1)])
 def test_solvers_call_the_network_as_often_as_they_claim(solver, nfe):
     model = Spy(method="ddpm" if solver in flow.SOLVERS["ddpm"] else "flow")
-    flow.sample(model, 2, steps=5, step=flow.solver_step(model, solver))
+    flow.sample(model, 2, steps=5, step_fn=flow.solver_step(model, solver))
     assert len(model.seen) == 5 * nfe
 
 
@@ -755,7 +756,7 @@ def test_solvers_converge_at_their_order_on_a_known_flow(solver, order):
     exact = math.exp(a) * x0 + b * (math.exp(a) - 1 - a) / a ** 2  # dx/dt = a x + b t, solved
     model = model.double()
     step = flow.solver_step(model, solver)
-    errors = [(flow.sample(model, 3, steps=n, seed=4, step=step).double() - exact).abs().max().item()
+    errors = [(flow.sample(model, 3, steps=n, seed=4, step_fn=step).double() - exact).abs().max().item()
               for n in (8, 16, 32)]
     for coarse, fine in zip(errors, errors[1:]):  # doubling the steps divides the error by 2^order
         assert coarse / fine == pytest.approx(2 ** order, rel=0.15), errors
@@ -768,7 +769,7 @@ def test_samplers_refuse_the_other_method():
     with pytest.raises(ValueError, match="ddpm or ddim"):
         flow.solver_step(ddpm, "euler")
     with pytest.raises(ValueError, match="300 or fewer"):
-        flow.sample(ddpm, 1, steps=301, step=flow.solver_step(ddpm, "ddpm"))
+        flow.sample(ddpm, 1, steps=301, step_fn=flow.solver_step(ddpm, "ddpm"))
 
 
 # --- autoguidance ------------------------------------------------------------------
@@ -865,15 +866,15 @@ def test_reflow_trains_on_the_teachers_pairing_and_reproduces_a_straight_flow_in
 
 
 def test_straightness_is_zero_for_straight_paths_and_measures_the_bend_of_curved_ones():
-    path = []
-    flow.sample(StraightFlow(0.05, 0.5), 4, steps=8, path=path)
-    assert flow.straightness(path) < 1e-10
-    model, path = Spy(), []
-    flow.sample(model, 4, steps=8, path=path)
-    displacement, bend = path[-1] - path[0], 0.0
-    for i in range(8):  # u_i = (x_{i+1} - x_i) / dt along the Euler path, against x_end - x_start
-        bend += ((displacement - 8 * (path[i + 1] - path[i])) ** 2).mean().item() / 8
-    assert flow.straightness(path) == pytest.approx(bend, rel=1e-5) and bend > 0.01
+    trajectory = []
+    flow.sample(StraightFlow(0.05, 0.5), 4, steps=8, trajectory=trajectory)
+    assert flow.straightness(trajectory) < 1e-10
+    model, trajectory = Spy(), []
+    flow.sample(model, 4, steps=8, trajectory=trajectory)
+    displacement, bend = trajectory[-1] - trajectory[0], 0.0
+    for i in range(8):  # u_i = (x_{i+1} - x_i) / dt along the Euler trajectory, against x_end - x_start
+        bend += ((displacement - 8 * (trajectory[i + 1] - trajectory[i])) ** 2).mean().item() / 8
+    assert flow.straightness(trajectory) == pytest.approx(bend, rel=1e-5) and bend > 0.01
 
 
 def test_reflow_run_starts_from_the_teacher_and_samples_in_one_step_by_default(mnist, class_run, tmp_path,
@@ -912,6 +913,101 @@ def test_reflow_refuses_a_teacher_that_is_not_a_class_flow(mnist, tmp_path, caps
     out = tmp_path / "student"
     message = flow_error(capsys, "--reflow", path, "--out", out, "--data", mnist, "--device", "cpu")
     assert says in message and not os.path.exists(out / "ckpt.pt")
+
+
+# --- inside the flow: what the network predicts along the way ----------------------
+
+
+class ThreeImages(torch.nn.Module):
+    """The exact flow matching field when the data are three images y_k: x_t = (1 - t) x0 + t y_k makes
+    E[x1 | x_t] their average weighted by softmax_k(-|x_t - t y_k|^2 / (2 (1 - t)^2)), and the velocity
+    u = (E[x1 | x_t] - x_t) / (1 - t)."""
+
+    def __init__(self, images):
+        super().__init__()
+        self.images, self.num_classes, self.method = images, 0, "flow"
+        self.device_holder = torch.nn.Parameter(torch.zeros(()))  # sample() finds the device here
+
+    def expected_x1(self, x_t, t):  # x_t: B x 1 x 28 x 28, t: B x 1
+        distances = (x_t[:, None] - t[:, :, None, None, None] * self.images).square().flatten(2).sum(2)
+        weights = (-distances / (2 * (1 - t) ** 2)).softmax(1)  # B x 3
+        return torch.einsum("bk,kchw->bchw", weights, self.images)
+
+    def forward(self, x_t, t, c=None):
+        return (self.expected_x1(x_t, t) - x_t) / (1 - t[:, :, None, None])
+
+
+def test_the_guess_of_the_exact_field_is_the_mean_at_first_and_the_nearest_image_at_the_end():
+    images = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    model, trajectory = ThreeImages(images), []
+    x1 = flow.sample(model, 6, steps=50, seed=2, trajectory=trajectory)
+    x1_hat = flow.guesses(trajectory)  # read off the Euler steps
+    assert x1_hat.shape == (50, 6, 1, 28, 28)
+    assert torch.allclose(x1_hat[0], images.mean(0).expand(6, -1, -1, -1), atol=1e-5)  # t = 0: their mean
+    for i in (0, 10, 25, 49):  # a second code path: E[x1 | x_t] itself
+        t = torch.full((6, 1), i / 50)
+        assert torch.allclose(x1_hat[i], model.expected_x1(trajectory[i], t), atol=1e-4), i
+    x_t, t = trajectory[49], 49 / 50  # near t = 1: the image nearest to x_t / t, where the sample lands
+    nearest = images[(x_t[:, None] / t - images).square().flatten(2).sum(2).argmin(1)]
+    assert torch.allclose(x1_hat[49], nearest, atol=1e-5) and torch.allclose(x1, nearest, atol=1e-5)
+    assert len(set(nearest.flatten(1).sum(1).tolist())) > 1  # the noises went to different images
+
+
+def test_the_guess_at_t_0_is_where_one_euler_step_lands():
+    torch.manual_seed(0)
+    model, trajectory = flow.UNet(8, num_classes=10), []
+    labels = torch.tensor([3, 7])
+    flow.sample(model, 2, labels, steps=10, guidance=2.0, seed=5, trajectory=trajectory)
+    one_step = flow.sample(model, 2, labels, steps=1, guidance=2.0, seed=5)
+    assert torch.allclose(flow.guesses(trajectory)[0], one_step, atol=1e-6)
+
+
+class MeanGuess(torch.nn.Module):
+    """The exact field at t = 0 for digits whose means are m_c: u = c . m_c - x_t (time-only: m - x_t), so
+    that the guess x1_hat = x0 + u is m_c for the class c, 0 for c = 0 and m without classes."""
+
+    def __init__(self, means):
+        super().__init__()
+        self.means, self.num_classes, self.method = means, len(means) if len(means) > 1 else 0, "flow"
+        self.device_holder = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x_t, t, c=None):
+        guess = self.means[0] if c is None else (c @ self.means.flatten(1)).view(x_t.shape)
+        return guess - x_t
+
+
+@pytest.mark.parametrize("num_classes", [0, 10])
+def test_the_guess_from_noise_is_measured_against_the_class_means(mnist, num_classes, capsys):
+    images, digits = flow.load_mnist(mnist, "cpu")
+    x = images.unsqueeze(1).float() / 255
+    m, m_c = x.mean(0), torch.stack([x[digits == k].mean(0) for k in range(10)])
+    args = argparse.Namespace(data=mnist, seed=0, guidance=1.0)
+    flow.guesses_from_noise(MeanGuess(m_c if num_classes else m[None]), args, "cpu", n=100)
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()[3:]]
+    against = "m_c" if num_classes else "m"
+    assert rows[0][1].strip() == against and float(rows[0][2]) == float(rows[0][3]) == 0, rows  # exact
+    if num_classes:  # the c = 0 half of this model guesses 0, a mean square of m's own
+        assert rows[1][1].strip() == "m"
+        assert float(rows[1][2]) == pytest.approx(m.square().mean().item(), abs=1e-4)
+    spread = (x - (m_c[digits] if num_classes else m)).square().mean().item()
+    assert [cell.strip() for cell in rows[-2]] == ["scale: a training digit", against, f"{spread:.4f}", "-"]
+
+
+def test_predictions_draw_the_path_and_the_guesses_of_a_checkpoint(class_run, mnist, tmp_path, capsys):
+    out = tmp_path / "inside"
+    run_flow("--predictions", "--ckpt", f"{class_run}/ckpt.pt", "--data", mnist, "--out", out, "--steps", 16)
+    printed = capsys.readouterr().out
+    assert sorted(os.listdir(out)) == ["path.png", "predictions.png"]
+    assert Image.open(out / "path.png").size[1] < Image.open(out / "predictions.png").size[1]  # 4 rows, 10
+    assert "t 0.00:" in printed and "t 0.88:" in printed and "| c = digit, gamma 1 | m_c |" in printed
+    ddpm = str(tmp_path / "ddpm.pt")
+    settings = {"cond": "time", "hidden": 8, "method": "ddpm"}
+    weights = flow.build_unet(settings).state_dict()
+    flow.save_checkpoint(ddpm, {"script": "flow.py", "args": settings, "model": weights})
+    for argv in (["--ckpt", ddpm], ["--ckpt", f"{class_run}/ckpt.pt", "--solver", "midpoint"],
+                 ["--ckpt", f"{class_run}/ckpt.pt", "--steps", 4]):
+        message = flow_error(capsys, "--predictions", *argv, "--data", mnist, "--out", out)
+        assert "--predictions reads the velocity off Euler steps" in message, argv
 
 
 # --- sample quality, measured ------------------------------------------------------
@@ -1008,7 +1104,7 @@ def test_committed_class_weights_draw_the_digits_asked_for(mnist, run, solver, s
     assert os.path.getsize(path) <= 5 * 2 ** 20
     labels = torch.arange(10).repeat(3)
     model = flow.load_checkpoint(path)
-    x = flow.sample(model, 30, labels, steps, guidance, step=flow.solver_step(model, solver)).clamp(0, 1)
+    x = flow.sample(model, 30, labels, steps, guidance, step_fn=flow.solver_step(model, solver)).clamp(0, 1)
     images, digits = flow.load_mnist(mnist, "cpu", 2000, train=False)
     means = torch.stack([images[digits == k].float().mean(0) / 255 for k in range(10)])  # 10 x 28 x 28
     nearest = torch.cdist(x.flatten(1), means.flatten(1)).argmin(1)  # about 80% right on real test digits
@@ -1081,6 +1177,8 @@ def test_benchmark_reports_speed_and_writes_nothing(mnist, tmp_path, capsys, mon
     (["--autoguide", "guide.pt"], "--autoguide is for --sample-only and --evaluate"),
     (["--reflow", "teacher.pt", "--method", "ddpm"], "--reflow trains a flow model"),
     (["--reflow", "teacher.pt", "--evaluate", "10"], "--reflow trains a flow model"),
+    (["--predictions", "--steps", "10,20"], "--predictions draws one figure"),
+    (["--predictions", "--gif"], "--gif animates one grid"),
 ])
 def test_bad_flags_are_refused(capsys, argv, says):
     assert says in flow_error(capsys, *argv)
@@ -1164,8 +1262,8 @@ def test_each_script_runs_copied_alone_into_an_empty_folder(script, out, mnist, 
 
 def test_the_shared_pieces_are_identical_in_both_scripts():
     import inspect
-    for name in ("bn_gelu", "ConvBlock", "DownBlock", "UpBlock", "load_mnist", "grid_image", "canvas",
-                 "plot_loss", "read_checkpoint"):
+    for name in ("bn_gelu", "ConvBlock", "DownBlock", "UpBlock", "load_mnist", "grid_image", "figure",
+                 "canvas", "plot_loss", "read_checkpoint"):
         assert inspect.getsource(getattr(flow, name)) == inspect.getsource(getattr(denoise, name)), name
 
 
