@@ -15,6 +15,7 @@ after the banner "beyond the assignment", adds what goes further, each in a sect
         --time-every-block --logit-normal-t --steps 10 --guidance 2   # a CPU's own digits in 2 minutes
     python flow.py --evaluate 1000 --ckpt samples/flow_class/model.pt --steps 10 --guidance 2   # scores
     python flow.py --predictions --ckpt samples/flow_class/model.pt   # x_t beside the network's guess of x1
+    python flow.py --score mine.pt   # digits your own code saved (N x 1 x 28 x 28 in [0, 1]), scored alike
 
 Outputs, in --out (default runs/<method>_<cond>), after every epoch: loss.csv, loss.png and ckpt.pt
 (--resume it after a crash); samples_epochNN.png after the --sample-epochs and the last; model.pt at
@@ -500,10 +501,10 @@ def keep_ema(optimizer, model, data, loss_fn, args):
 
 
 # --- DDPM on the same UNet: the assignment's optional extension, as its DDPM version had it ---
-# DDPM runs the other way: noise at t = NOISE_LEVELS, the digit at t = 0. Its paper calls the digit x0; here,
-# as everywhere in this file, x0 is noise and x1 the digit: x_t = sqrt(a_t) x1 + sqrt(1 - a_t) eps. Both mix
-# noise and data affinely; DDPM's mix is not straight, and its UNet predicts the noise eps, not a velocity
-# (sample()'s u is then eps_theta, guided by the same mix).
+# DDPM runs the other way: noise at t = NOISE_LEVELS, the digit at t = 0. Its paper calls the digit x0; in
+# this file x1 is always the digit (x0 is flow matching's noise, which DDPM calls eps):
+# x_t = sqrt(a_t) x1 + sqrt(1 - a_t) eps. Both mix noise and data affinely; DDPM's mix is not straight, and
+# its UNet predicts the noise eps, not a velocity (sample()'s u is then eps_theta, guided by the same mix).
 TRAINING_FLAGS += ["method"]
 NOISE_LEVELS = 300  # DDPM's t = 1..NOISE_LEVELS; the UNet sees t / NOISE_LEVELS
 
@@ -614,9 +615,10 @@ def guided(model, guide, guidance):
 # --- reflow: straight paths from the model's own pairs (Liu, Gong and Liu 2022) ---
 # The field u_theta learns is the average velocity of all the lines x0 -> x1 through a point; lines from
 # independent noise and digits cross, so its paths curve and few Euler steps land off them. Reflow trains
-# again, with the same loss, on the lines from noise x0 to the teacher's own sample x1 from x0: these do not
-# cross, so the student's paths are nearly straight and x1 ~ x0 + u_theta(x0, 0, c), one network call a
-# digit. The student learns the teacher's guided flow: it samples at gamma 1, with no unconditional half.
+# again, with the same loss, on the lines from noise x0 to the teacher's own sample x1 from x0: x1 is a
+# function of x0, so these lines hardly cross, the student's paths are nearly straight, and
+# x1 ~ x0 + u_theta(x0, 0, c), one network call a digit. The student learns the teacher's guided flow: it
+# samples at gamma 1, with no unconditional half.
 TRAINING_FLAGS += ["reflow", "pairs"]
 TEACHER = {"solver": "midpoint", "steps": 5, "guidance": 2.0}  # 10 calls: second order, so near 50 calls
 
@@ -715,7 +717,7 @@ def predictions_figure(model, args, times=8):
     rows = [torch.stack([x[n] for i in picks for x in (trajectory[i], x1_hat[i])] + [x1[n]])
             for n in range(10)]
     names = [f"digit {n}" if labels is not None else f"sample {n + 1}" for n in range(10)]
-    columns = [name for i in picks for name in (f"t = {i / args.steps:.2f}", "x1_hat")] + ["sample"]
+    columns = [name for i in picks for name in (f"t = {i / args.steps:.3g}", "x1_hat")] + ["sample"]
     title = (f"x_t and the network's guess x1_hat = x_t + (1 - t) u: Euler, {args.steps} steps"
              + (f", gamma {args.guidance:g}" if labels is not None else ""))
     distances = [(x1_hat[i] - x1).square().mean().item() for i in picks]
@@ -768,7 +770,7 @@ def inside_the_flow(model, args, device, out):
     img, times, distances = predictions_figure(model, args)
     img.save(os.path.join(out, "predictions.png"))
     print("mean square from x1_hat to the sample: "
-          + ", ".join(f"t {t:.2f}: {d:.4f}" for t, d in zip(times, distances)))
+          + ", ".join(f"t {t:.3g}: {d:.4f}" for t, d in zip(times, distances)))
     guesses_from_noise(model, args, device)
     print(f"wrote {os.path.join(out, 'path.png')} and {os.path.join(out, 'predictions.png')}")
 
@@ -844,13 +846,19 @@ def frechet_distance(a, b):
             - 2 * sqrtm(root @ s_b @ root).trace()).item()
 
 
+def references(args, device, n):
+    """The classifier, its features of the 10,000 test digits, and the floor: the FD of n train digits."""
+    classifier = load_classifier(args.data, device)
+    digits = lambda limit, train: load_mnist(args.data, device, limit, train)[0].unsqueeze(1) / 255
+    real = score(classifier, digits(None, False))[2]
+    return classifier, real, frechet_distance(score(classifier, digits(n, True))[2], real)
+
+
 def evaluate(model, args, device, sweep, guide=None, chunk=100):
     """Score args.evaluate samples: a table row for each solver, steps and guidance of the sweep; Euler
     rows also give the straightness of their paths."""
-    classifier, n = load_classifier(args.data, device), args.evaluate
-    digits = lambda limit, train: load_mnist(args.data, device, limit, train)[0].unsqueeze(1) / 255
-    real = score(classifier, digits(None, False))[2]  # the 10,000 test digits
-    floor = frechet_distance(score(classifier, digits(n, True))[2], real)  # n real train digits
+    n = args.evaluate
+    classifier, real, floor = references(args, device, n)
     labels = torch.arange(n, device=device) % 10 if model.num_classes else None  # n/10 of each digit
     measure = "accuracy" if model.num_classes else "entropy"
     print(f"{n} samples, seed {args.seed}; FD to the 10,000 test digits; floor: FD of {n} train digits\n"
@@ -876,6 +884,60 @@ def evaluate(model, args, device, sweep, guide=None, chunk=100):
         print(f"| {solver} | {steps} | {nfe} | {guidance} | {value:.4f} | {confidence:.4f} | "
               f"{frechet_distance(features, real):.2f} | {floor:.2f} | {bent} | {time.time() - t0:.0f} |",
               flush=True)
+
+
+# --- scoring anyone's samples: a learner's own implementation on the same yardstick ---
+
+
+def read_samples(path):
+    """The digits (N x 1 x 28 x 28, clamped to [0, 1]) and labels (N digits, or None) that any code saved with
+    torch.save: a tensor, or a dict of "images" and "labels". Else a ValueError that says what is off."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"{path} does not exist") from None
+    except Exception as e:
+        raise ValueError(f"{path} is not a file of tensors from torch.save ({type(e).__name__})") from e
+    images, labels = (data.get("images"), data.get("labels")) if isinstance(data, dict) else (data, None)
+    if not torch.is_tensor(images) or images.dim() != 4 or images.shape[1:] != (1, 28, 28) or len(images) < 2:
+        held = " x ".join(map(str, images.shape)) if torch.is_tensor(images) else type(images).__name__
+        held = "a dict without 'images'" if isinstance(data, dict) and images is None else held
+        raise ValueError(f"{path} holds {held}, not N x 1 x 28 x 28 digits, N >= 2 (alone, or as 'images')")
+    x = images.float()
+    background, high = x.median().item(), x.max().item()  # MNIST's background is 0
+    if high > 10:
+        raise ValueError(f"{path} has pixels up to {high:.0f}, as if in 0-255: divide them by 255")
+    if background < -0.9:
+        raise ValueError(f"{path} has a background of {background:.2f}, as if in [-1, 1]: "
+                         "map x to (x + 1) / 2")
+    if -0.5 < background < -0.35:
+        raise ValueError(f"{path} has a background of {background:.2f}, as if normalised by MNIST's mean and "
+                         "std: map x to x * 0.3081 + 0.1307")
+    if not -0.1 < background < 0.1:
+        raise ValueError(f"{path} has a background of {background:.2f}, not 0: save white digits on black, "
+                         "in [0, 1]")
+    whole = torch.is_tensor(labels) and labels.shape == (len(x),) and not labels.is_floating_point()
+    if labels is not None and not (whole and 0 <= labels.min() <= labels.max() <= 9):
+        raise ValueError(f"the labels in {path} should be {len(x)} whole numbers from 0 to 9")
+    return x.clamp(0, 1), labels  # samplers do not clamp: --evaluate clamps this repo's own
+
+
+def score_file(args, device):
+    """--score: --evaluate's verdict on the digits in args.score, which any code made."""
+    x, labels = read_samples(args.score)
+    n, warn = len(x), lambda text: print(f"flow.py: warning: {text}", file=sys.stderr)
+    if n < 1000:
+        warn(f"{n} digits: the FD grows as N shrinks, so compare FDs at equal N, 1,000 or more")
+    counts = None if labels is None else torch.bincount(labels, minlength=10)
+    if counts is not None and counts.max() - counts.min() > max(1, n // 100):
+        warn(f"the labels are unbalanced ({counts.tolist()}); --evaluate draws N/10 of each digit")
+    classifier, real, floor = references(args, device, n)
+    labels = None if labels is None else labels.to(device)
+    value, confidence, features = score(classifier, x.to(device), labels)
+    measure = "entropy" if labels is None else "accuracy"
+    print(f"{n} digits from {args.score}; FD to the 10,000 test digits; floor: FD of {n} train digits\n"
+          f"| {measure} | confidence | FD | floor |\n|" + " ---: |" * 4)
+    print(f"| {value:.4f} | {confidence:.4f} | {frechet_distance(features, real):.2f} | {floor:.2f} |")
 
 
 # --- sweeps and sampling from a checkpoint -----------------------------------
@@ -1078,6 +1140,7 @@ def main(argv=None):
     add("--pairs", type=positive(int), default=60000, metavar="N", help="reflow pairs (default: %(default)s)")
     add("--sample-only", action="store_true", help="no training: a grid from --ckpt (default: off)")
     add("--evaluate", type=positive(int), metavar="N", help="no training: score N samples (default: off)")
+    add("--score", metavar="FILE", help="no training: score the digits any code saved to FILE (default: off)")
     add("--predictions", action="store_true",
         help="no training: path.png, and predictions.png of --ckpt: x_t beside x1_hat (default: off)")
     add("--ckpt", help="checkpoint (or model.pt) to sample or score (default: OUT/ckpt.pt)")
@@ -1120,6 +1183,8 @@ def main(argv=None):
     device = torch.device(device)
     torch.manual_seed(args.seed)
     try:
+        if args.score:
+            return score_file(args, device)
         if no_training:
             return from_checkpoint(args, device, sweep)
         sampling_defaults(args, sweep)

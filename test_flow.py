@@ -436,7 +436,44 @@ def test_sampling_leaves_training_mode_and_global_rng_alone():
     assert model.training and torch.equal(torch.rand(1), before)
 
 
+def test_sampling_uses_the_batchnorm_statistics_of_training_and_leaves_them_as_they_were():
+    torch.manual_seed(0)
+    model = flow.UNet(8).train()
+    model(torch.rand(16, 1, 28, 28), torch.rand(16, 1))  # running statistics unlike a fresh network's
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    one, four = flow.sample(model, 1, steps=2, seed=3), flow.sample(model, 4, steps=2, seed=3)
+    assert torch.allclose(one, four[:1], atol=1e-5)  # a digit does not depend on the batch it is drawn in
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
 # --- training: outputs, grids, checkpoints, resume ---------------------------------
+
+
+class OneWeight(torch.nn.Module):
+    """A model of one weight w, for training loops whose every step is known by heart."""
+
+    def __init__(self):
+        super().__init__()
+        self.w, self.num_classes, self.seen = torch.nn.Parameter(torch.tensor(0.0)), 10, []
+
+
+def test_each_training_step_sees_its_own_batch_in_0_1_and_its_own_gradient(capsys):
+    """x1 reaches the loss as pixels / 255, and zero_grad makes each step's gradient its batch's alone:
+    with loss = w and SGD at rate 1, w falls by exactly 1 a step (without zero_grad: 1, 2, 3, ...)."""
+    model = OneWeight()
+
+    def loss_fn(model, x1, labels, p_uncond):
+        model.seen.append((x1, labels))
+        return model.w * 1.0
+
+    images, labels = torch.randint(0, 256, (12, 28, 28), dtype=torch.uint8), torch.arange(12) % 10
+    args = argparse.Namespace(batch_size=4, amp=False, p_uncond=0.1, log_every=1, epochs=1)
+    losses = flow.train_epoch(model, torch.optim.SGD(model.parameters(), lr=1.0), (images, labels), 1, args,
+                              loss_fn)
+    assert losses == [0.0, -1.0, -2.0] and model.w.item() == -3.0
+    seen = torch.cat([x1 for x1, _ in model.seen])
+    assert seen.shape == (12, 1, 28, 28) and 0 <= seen.min() and seen.max() <= 1
+    assert sorted(seen.flatten().tolist()) == sorted((images.float() / 255).flatten().tolist())  # each once
 
 
 def test_tiny_run_writes_every_output(mnist, tmp_path):
@@ -999,7 +1036,7 @@ def test_predictions_draw_the_path_and_the_guesses_of_a_checkpoint(class_run, mn
     printed = capsys.readouterr().out
     assert sorted(os.listdir(out)) == ["path.png", "predictions.png"]
     assert Image.open(out / "path.png").size[1] < Image.open(out / "predictions.png").size[1]  # 4 rows, 10
-    assert "t 0.00:" in printed and "t 0.88:" in printed and "| c = digit, gamma 1 | m_c |" in printed
+    assert "t 0:" in printed and "t 0.875:" in printed and "| c = digit, gamma 1 | m_c |" in printed
     ddpm = str(tmp_path / "ddpm.pt")
     settings = {"cond": "time", "hidden": 8, "method": "ddpm"}
     weights = flow.build_unet(settings).state_dict()
@@ -1077,6 +1114,55 @@ def test_evaluate_scores_the_samples_it_draws(class_run, mnist, capsys, monkeypa
     fd = flow.frechet_distance(features, real)
     floor = flow.frechet_distance(flow.score(classifier, digits(20, True))[2], real)
     assert rows[1][4:8] == [f"{accuracy:.4f}", f"{confidence:.4f}", f"{fd:.2f}", f"{floor:.2f}"]
+
+
+def test_score_gives_anyones_samples_the_verdict_evaluate_gives_its_own(class_run, mnist, tmp_path,
+                                                                         capsys, monkeypatch):
+    monkeypatch.setattr(flow, "load_classifier", lambda root, device: pixel_classifier())
+    ckpt = os.path.join(class_run, "model.pt")
+    run_flow("--evaluate", 20, "--ckpt", ckpt, "--data", mnist, "--steps", 2, "--guidance", 3,
+             "--device", "cpu")
+    evaluated = capsys.readouterr().out.splitlines()[3].strip("| ").split(" | ")[4:8]
+    labels = torch.arange(20) % 10  # the same 20 digits, unclamped, as a learner's code would save them
+    x = flow.sample(flow.load_checkpoint(ckpt), 20, labels, steps=2, guidance=3.0, seed=180)
+    assert x.min() < 0 or x.max() > 1
+    torch.save({"images": x, "labels": labels}, tmp_path / "mine.pt")
+    run_flow("--score", tmp_path / "mine.pt", "--data", mnist, "--device", "cpu")
+    printed = capsys.readouterr()
+    assert "| accuracy | confidence | FD | floor |" in printed.out
+    assert printed.out.splitlines()[-1].strip("| ").split(" | ") == evaluated
+    assert "compare FDs at equal N" in printed.err and "unbalanced" not in printed.err
+    torch.save({"images": x, "labels": labels // 2}, tmp_path / "fives.pt")  # digits 0-4 only
+    run_flow("--score", tmp_path / "fives.pt", "--data", mnist, "--device", "cpu")
+    assert "the labels are unbalanced ([4, 4, 4, 4, 4, 0, 0, 0, 0, 0])" in capsys.readouterr().err
+    torch.save(x, tmp_path / "unlabelled.pt")  # a time-only model's: the entropy of the digits drawn
+    run_flow("--score", tmp_path / "unlabelled.pt", "--data", mnist, "--device", "cpu")
+    assert "| entropy | confidence | FD | floor |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("make,says", [
+    (lambda x: x * 2 - 1, "as if in [-1, 1]: map x to (x + 1) / 2"),
+    (lambda x: x * 255, "as if in 0-255: divide them by 255"),
+    (lambda x: (x - 0.1307) / 0.3081, "as if normalised by MNIST's mean and std"),
+    (lambda x: 1 - x, "save white digits on black"),
+    (lambda x: x[:, 0], "holds 30 x 28 x 28, not N x 1 x 28 x 28"),
+    (lambda x: x[:1], "N >= 2"),
+    (lambda x: {"pictures": x}, "holds a dict without 'images'"),
+    (lambda x: [x], "holds list"),
+    (lambda x: {"images": x, "labels": torch.arange(30) + 5}, "30 whole numbers from 0 to 9"),
+    (lambda x: {"images": x, "labels": torch.zeros(30)}, "30 whole numbers from 0 to 9"),
+])
+def test_score_refuses_the_wrong_conventions_by_name(tmp_path, capsys, make, says):
+    digits = torch.zeros(30, 1, 28, 28)
+    digits[:, :, 8:20, 12:16] = torch.rand(30, 1, 12, 4)  # white strokes on a black background
+    torch.save(make(digits), tmp_path / "theirs.pt")
+    assert says in flow_error(capsys, "--score", tmp_path / "theirs.pt")
+
+
+def test_score_refuses_files_that_are_not_saved_tensors(tmp_path, capsys):
+    (tmp_path / "notes.pt").write_text("my samples")
+    assert "not a file of tensors from torch.save" in flow_error(capsys, "--score", tmp_path / "notes.pt")
+    assert "does not exist" in flow_error(capsys, "--score", tmp_path / "missing.pt")
 
 
 def test_evaluate_with_a_guide_counts_its_calls_and_a_guide_like_the_model_changes_nothing(
@@ -1275,7 +1361,7 @@ def test_the_readmes_name_only_files_and_flags_that_exist(capsys):
         assert any(os.path.exists(os.path.join(HERE, root, path)) for root in ("", "samples")), path
     for folder in os.listdir(os.path.join(HERE, "samples")):  # each folder with the command that made it
         if os.path.isdir(os.path.join(HERE, "samples", folder)):
-            assert re.search(rf"--out samples/{folder}\b", notebook), folder
+            assert re.search(rf"(--out|cp \S+) samples/{folder}\b", notebook), folder
     helps = []
     for script in (flow, denoise):
         with pytest.raises(SystemExit):
