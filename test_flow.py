@@ -1138,13 +1138,16 @@ def test_score_gives_anyones_samples_the_verdict_evaluate_gives_its_own(class_ru
     torch.save(x, tmp_path / "unlabelled.pt")  # a time-only model's: the entropy of the digits drawn
     run_flow("--score", tmp_path / "unlabelled.pt", "--data", mnist, "--device", "cpu")
     assert "| entropy | confidence | FD | floor |" in capsys.readouterr().out
+    torch.save(20 * noise(20, seed=0), tmp_path / "broken.pt")  # a broken sampler's: scored, not refused
+    run_flow("--score", tmp_path / "broken.pt", "--data", mnist, "--device", "cpu")
+    assert "| entropy | confidence | FD | floor |" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("make,says", [
     (lambda x: x * 2 - 1, "as if in [-1, 1]: map x to (x + 1) / 2"),
     (lambda x: x * 255, "as if in 0-255: divide them by 255"),
     (lambda x: (x - 0.1307) / 0.3081, "as if normalised by MNIST's mean and std"),
-    (lambda x: 1 - x, "save white digits on black"),
+    (lambda x: 1 - x, "as if black digits on white: map x to 1 - x"),
     (lambda x: x[:, 0], "holds 30 x 28 x 28, not N x 1 x 28 x 28"),
     (lambda x: x[:1], "N >= 2"),
     (lambda x: {"pictures": x}, "holds a dict without 'images'"),
