@@ -527,9 +527,9 @@ def ddpm_loss(model, x1, labels=None, p_uncond=0.1):
 
 
 def ddpm_step(eps_theta, x, i, steps, ddim=False):
-    """Step i of `steps` from noise level t down to s, through NOISE_LEVELS, ..., 0: --solver ddpm draws x_s
-    from the posterior given the digit x1_hat that eps implies (the ancestral sampler, noise sqrt(beta) z);
-    ddim puts x1_hat and eps back together at s."""
+    """Step i of `steps` from noise level t down to s, through NOISE_LEVELS, ..., 0. --solver ddpm (the
+    ancestral sampler) draws x_s given the digit x1_hat that eps implies, adding noise sqrt(beta) z; ddim
+    puts x1_hat and eps back together at s."""
     if steps > NOISE_LEVELS:
         raise ValueError(f"a DDPM model has {NOISE_LEVELS} noise levels: use --steps {NOISE_LEVELS} or fewer")
     t, s = (round(NOISE_LEVELS * (steps - k) / steps) for k in (i, i + 1))
@@ -708,7 +708,7 @@ def guesses(trajectory):
 
 def predictions_figure(model, args, times=8):
     """Ten Euler samples (class: digits 0 to 9), a row each: x_t beside x1_hat at `times` times from t = 0,
-    then the sample. Also those times and the mean square from x1_hat there to the sample."""
+    then the sample. Also, for each time shown, the mean square from x1_hat then to the sample."""
     labels, trajectory = torch.arange(10) if model.num_classes else None, []
     with torch.autocast(next(model.parameters()).device.type, torch.bfloat16, enabled=args.amp):
         sample(model, 10, labels, args.steps, args.guidance, args.seed, euler_step, trajectory)
@@ -720,8 +720,8 @@ def predictions_figure(model, args, times=8):
     columns = [name for i in picks for name in (f"t = {i / args.steps:.3g}", "x1_hat")] + ["sample"]
     title = (f"x_t and the network's guess x1_hat = x_t + (1 - t) u: Euler, {args.steps} steps"
              + (f", gamma {args.guidance:g}" if labels is not None else ""))
-    distances = [(x1_hat[i] - x1).square().mean().item() for i in picks]
-    return figure(rows, names, columns, title, scale=2), [i / args.steps for i in picks], distances
+    distances = {i / args.steps: (x1_hat[i] - x1).square().mean().item() for i in picks}
+    return figure(rows, names, columns, title, scale=2), distances
 
 
 @torch.inference_mode()
@@ -767,10 +767,9 @@ def inside_the_flow(model, args, device, out):
                          "--solver euler and --steps 8 or more")
     test_digits = load_mnist(args.data, "cpu", 4, train=False)[0].unsqueeze(1) / 255
     path_figure(test_digits, args.seed).save(os.path.join(out, "path.png"))
-    img, times, distances = predictions_figure(model, args)
+    img, distances = predictions_figure(model, args)
     img.save(os.path.join(out, "predictions.png"))
-    print("mean square from x1_hat to the sample: "
-          + ", ".join(f"t {t:.3g}: {d:.4f}" for t, d in zip(times, distances)))
+    print("mean square from x1_hat to the sample:", *(f"t {t:.3g}: {d:.4f}" for t, d in distances.items()))
     guesses_from_noise(model, args, device)
     print(f"wrote {os.path.join(out, 'path.png')} and {os.path.join(out, 'predictions.png')}")
 
