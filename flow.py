@@ -940,6 +940,97 @@ def score_file(args, device):
     print(f"| {value:.4f} | {confidence:.4f} | {frechet_distance(features, real):.2f} | {floor:.2f} |")
 
 
+# --- the flow as a density: bits/dim of test digits (SPEC, "the flow as a density") ---
+# Read backward with its divergence, the field is a density: log p1(x1) = log N(x0; 0, I) - integral_0^1
+# div u(x_t, t) dt, x_t the ODE's path from x1 at t = 1 back to x0 (Chen et al. 2018, FFJORD).
+TRAINING_FLAGS += ["dequantize"]
+
+
+def dequantized(loss_fn):
+    """loss_fn on digits (pixel + u) / 256, u ~ U[0, 1) drawn fresh for every pixel of every batch: a
+    density on [0, 1]^784 rather than spikes on its 256 levels (Theis et al. 2016)."""
+    def loss(model, x1, *rest):
+        return loss_fn(model, ((x1 * 255).round() + torch.rand_like(x1)) / 256, *rest)
+    return loss
+
+
+def divergence(model, x, t, c=None, probe=None):
+    """The velocity u(x, t, c) and its divergence, the trace of du/dx, for each image of x: Hutchinson's
+    estimate e^T (du/dx) e for a probe e of random signs (unbiased; one vector-Jacobian product), or,
+    without a probe, the exact trace, one product per pixel (784)."""
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        u = velocity(model, x, t, c)
+        pixels = torch.eye(x[0].numel(), device=x.device).view(-1, 1, *x.shape[1:])
+        probes = [probe] if probe is not None else [e.expand_as(x) for e in pixels]
+        div = sum((torch.autograd.grad(u, x, e, retain_graph=True)[0] * e).flatten(1).sum(1) for e in probes)
+    return u.detach(), div
+
+
+def log_likelihood(model, x1, steps, solver="midpoint", c=None, probe=None, power=2):
+    """log p1(x1) of each image under the flow's ODE, as its two terms: log N(x0; 0, I) at the end x0, and
+    the integral of the divergence over t. x and the integral go backward together from t = 1 to 0 in
+    `steps` steps of `solver` (euler or midpoint) at t_k = 1 - (k / steps)^power: packed near t = 1, where
+    the field is stiff. Returns the two terms and x0."""
+    was_training = model.training
+    model.eval()  # BatchNorm uses its running statistics: each image's density its own
+    times = [1 - (k / steps) ** power for k in range(steps + 1)]
+    x, integral = x1, torch.zeros(len(x1), device=x1.device)
+    for t, s in zip(times, times[1:]):
+        h = t - s  # a step back in time
+        u, div = divergence(model, x, t, c, probe)
+        if solver == "midpoint":  # the slope and divergence at the step's middle
+            u, div = divergence(model, x - h / 2 * u, t - h / 2, c, probe)
+        x, integral = x - h * u, integral + h * div
+    model.train(was_training)
+    base = -0.5 * x.flatten(1).square().sum(1) - 0.5 * x[0].numel() * math.log(2 * math.pi)
+    return base, integral, x
+
+
+def bits_per_dim(log_p, dims=784):
+    """-log2 p1(x) per pixel, plus 8 for the width 1/256 of a pixel's bin: a uniform density on
+    [0, 1]^784 (log p = 0) scores 8, as a code of 8 bits a pixel would."""
+    return -log_p / (dims * math.log(2)) + 8
+
+
+def likelihood(model, args, device, chunk=100):
+    """--likelihood: bits/dim of the first N test digits, (pixel + u) / 256 with u ~ U[0, 1) and the
+    probes drawn from the seed; a class model's density both by its c = 0 half and as p(x | c)."""
+    n = args.likelihood
+    if model.method != "flow":
+        raise ValueError(f"--likelihood needs a flow model: {args.ckpt} is a {model.method} model")
+    if n > 10000:
+        raise ValueError(f"--likelihood {n}: the test split has 10,000 digits")
+    images, labels = load_mnist(args.data, device, n, train=False)
+    generator = torch.Generator().manual_seed(args.seed)  # the same digits, u and probes on any device
+    u = torch.rand(n, 1, 28, 28, generator=generator)
+    probes = (torch.randint(0, 2, u.shape, generator=generator) * 2 - 1).float().to(device)
+    x1 = (images.unsqueeze(1).float() + u.to(device)) / 256
+    densities = {"p(x)": None}
+    if model.num_classes:
+        digits = F.one_hot(labels, 10).float()
+        densities = {"p(x), c = 0": 0 * digits, "p(x given c), c = its digit": digits}
+    nfe = args.steps * (2 if args.solver == "midpoint" else 1)
+    print(f"{n} test digits, dequantized (seed {args.seed}); {args.solver}, {args.steps} steps at t_k = 1 - "
+          f"(k/{args.steps})^2, NFE {nfe}, one Hutchinson probe each; bits/dim = 8 + base + divergence\n"
+          "| density | bits/dim | standard error | base | divergence | std of x0 | s |\n|" + " ---: |" * 7)
+    for name, c in densities.items():
+        t0, terms = time.time(), []
+        for i in range(0, n, chunk):
+            part = slice(i, i + chunk)
+            base, integral, x0 = log_likelihood(model, x1[part], args.steps, args.solver,
+                                                None if c is None else c[part], probes[part])
+            terms.append(torch.stack([base, integral, x0.flatten(1).std(1)], 1).cpu())
+            done = i + len(base)
+            eta = (time.time() - t0) / done * (n - done)
+            print(f"{name}: {done}/{n} digits, eta {eta:.0f}s", end="\r", file=sys.stderr)
+        base, integral, spread = torch.cat(terms).T
+        bits, scale = bits_per_dim(base - integral), 784 * math.log(2)
+        error = f"{bits.std().item() / math.sqrt(n):.4f}" if n > 1 else "-"
+        print(f"| {name} | {bits.mean():.4f} | {error} | {-base.mean() / scale:.4f} | "
+              f"{integral.mean() / scale:.4f} | {spread.mean():.3f} | {time.time() - t0:.0f} |", flush=True)
+
+
 # --- sweeps and sampling from a checkpoint -----------------------------------
 
 
@@ -961,7 +1052,7 @@ def sweep_figure(model, args, sweep, guide=None):
 
 
 def from_checkpoint(args, device, sweep):
-    """The modes that need no training: --evaluate, --predictions and --sample-only."""
+    """The modes that need no training: --evaluate, --likelihood, --predictions and --sample-only."""
     model = load_checkpoint(args.ckpt or os.path.join(args.out or default_out(args), "ckpt.pt"), device)
     args.method, args.cond = model.method, "class" if model.num_classes else "time"
     args.reflow = model.settings.get("reflow")
@@ -974,6 +1065,8 @@ def from_checkpoint(args, device, sweep):
         model.compile()
     if args.evaluate:
         return evaluate(model, args, device, sweep, guide)
+    if args.likelihood:
+        return likelihood(model, args, device)
     out, t_sample, trajectory = args.out or default_out(args), time.time(), [] if args.gif else None
     prepare_out(out, resume=True)
     if args.predictions:
@@ -1036,6 +1129,7 @@ def training(args, device):
         raise ValueError(f"--limit {len(data[0])} is less than --batch-size {args.batch_size}: raise --limit")
     loss_fn = logit_normal_loss if args.logit_normal_t else flow_matching_loss
     loss_fn = ddpm_loss if args.method == "ddpm" else loss_fn
+    loss_fn = dequantized(loss_fn) if args.dequantize else loss_fn
     step_fn = solver_step(model, args.solver)
     if args.compile:
         model.compile()  # fuses BatchNorm, GELU and the rest; the first steps are slow while it compiles
@@ -1089,14 +1183,17 @@ def number_list(kind):
 
 
 def sampling_defaults(args, sweep):
-    """Fill in the sweep's lists not given (the method's first solver; 300 steps, 50 for a time-only flow,
-    1 for a reflowed one, 40 for --predictions; guidance 5, 1 for a reflowed one and --predictions), and
-    set args to their first values."""
-    sweep["solver"] = sweep["solver"] or list(SOLVERS[args.method])[:1]
+    """Fill in the sweep's lists not given (the method's first solver, midpoint for --likelihood; 300 steps,
+    50 for a time-only flow, 1 for a reflowed one, 40 for --predictions, 120 for --likelihood; guidance 5,
+    1 for a reflowed one, --predictions and --likelihood), and set args to their first values."""
+    solver = "midpoint" if args.likelihood else list(SOLVERS[args.method])[0]
     time_flow = (args.method, args.cond) == ("flow", "time")
-    steps = 40 if args.predictions else 1 if args.reflow else 50 if time_flow else 300
+    steps = 1 if args.reflow else 50 if time_flow else 300
+    steps = 40 if args.predictions else 120 if args.likelihood else steps
+    unguided = args.reflow or args.predictions or args.likelihood
+    sweep["solver"] = sweep["solver"] or [solver]
     sweep["steps"] = sweep["steps"] or [steps]
-    sweep["guidance"] = sweep["guidance"] or [1.0 if args.reflow or args.predictions else 5.0]
+    sweep["guidance"] = sweep["guidance"] or [1.0 if unguided else 5.0]
     args.solver, args.steps, args.guidance = (values[0] for values in sweep.values())
 
 
@@ -1133,6 +1230,8 @@ def main(argv=None):
     add("--time-every-block", action="store_true", help="t scales and shifts every block (default: off)")
     add("--logit-normal-t", action="store_true", help="train on t = sigmoid(N(0, 1)) (default: off)")
     add("--ema", type=float, default=0, metavar="DECAY", help="sample from an EMA, e.g. 0.999 (default: off)")
+    add("--dequantize", action="store_true", help="train on (pixel + U[0, 1)) / 256, for --likelihood "
+        "(default: off)")
     add("--method", choices=["flow", "ddpm"], default="flow", help="flow matching or DDPM (default: flow)")
     add("--solver", type=number_list(str), help="euler or midpoint; ddpm: ddpm or ddim (default: the first)")
     add("--autoguide", metavar="CKPT", help="guide away from this weaker model, by --guidance (default: off)")
@@ -1140,6 +1239,8 @@ def main(argv=None):
     add("--pairs", type=positive(int), default=60000, metavar="N", help="reflow pairs (default: %(default)s)")
     add("--sample-only", action="store_true", help="no training: a grid from --ckpt (default: off)")
     add("--evaluate", type=positive(int), metavar="N", help="no training: score N samples (default: off)")
+    add("--likelihood", type=positive(int), metavar="N",
+        help="no training: bits/dim of N test digits under --ckpt's flow, in fp32 (default: off)")
     add("--score", metavar="FILE", help="no training: score the digits any code saved to FILE (default: off)")
     add("--predictions", action="store_true",
         help="no training: path.png, and predictions.png of --ckpt: x_t beside x1_hat (default: off)")
@@ -1156,7 +1257,7 @@ def main(argv=None):
         parser.error(f"--p-uncond must lie in [0, 1], got {args.p_uncond}")
     if args.logit_normal_t and args.method == "ddpm":
         parser.error("--logit-normal-t is for flow matching: DDPM draws t from 1..300")
-    no_training = args.sample_only or args.evaluate or args.predictions
+    no_training = args.sample_only or args.evaluate or args.predictions or args.likelihood
     solvers = [*SOLVERS["flow"], *SOLVERS["ddpm"]] if no_training else list(SOLVERS[args.method])
     if set(args.solver or []) - set(solvers):
         parser.error(f"--solver takes {' or '.join(solvers)}, got {','.join(args.solver)}")
@@ -1170,6 +1271,9 @@ def main(argv=None):
         parser.error("--reflow trains a flow model: not with --method ddpm, --sample-only or --evaluate")
     if args.gif and (swept or args.evaluate or args.predictions):
         parser.error("--gif animates one grid: not with --evaluate, --predictions or lists of settings")
+    if args.likelihood and (swept or args.autoguide or (args.guidance or [1]) != [1]):
+        parser.error("--likelihood is the density of the unguided field: not with --autoguide, "
+                     "a --guidance other than 1 or lists of settings")
     if args.predictions and (swept or args.autoguide):
         parser.error("--predictions draws one figure: not with --autoguide or lists of settings")
 

@@ -1214,6 +1214,131 @@ def test_committed_time_weights_draw_varied_digits(mnist, run, guide):
     assert distances.min(1).values.mean() <= 1.25 * real and len(set(distances.argmin(1).tolist())) >= 7
 
 
+# --- the flow as a density ---------------------------------------------------------
+
+
+class LinearField(torch.nn.Module):
+    """u(x, t) = A x on the 784 pixels: from x0 ~ N(0, I), x1 = expm(A) x0 ~ N(0, expm(A) expm(A)^T)."""
+    num_classes = 0
+
+    def __init__(self, A):
+        super().__init__()
+        self.A = A
+
+    def forward(self, x, t, c=None):
+        return (x.flatten(1) @ self.A.T).view_as(x)
+
+
+def test_a_dense_linear_field_keeps_a_gaussian_gaussian():
+    torch.manual_seed(0)
+    A = 0.7 * torch.randn(784, 784) / 28  # dense and not symmetric: Hutchinson's estimate is not exact
+    M = torch.linalg.matrix_exp(A).double()
+    x1 = (torch.randn(64, 784).double() @ M.T).float().view(64, 1, 28, 28)
+    p1 = torch.distributions.MultivariateNormal(torch.zeros(784).double(), M @ M.T)
+    exact = p1.log_prob(x1.flatten(1).double()).float()  # the answer by a second path
+    probe = torch.randint(0, 2, x1.shape).float() * 2 - 1
+    e = probe.flatten(1)
+    errors = []
+    for steps in (10, 20, 40):
+        base, integral, x0 = flow.log_likelihood(LinearField(A), x1, steps, "midpoint", probe=probe)
+        # with one probe the divergence is e^T A e all along the path, not tr A: known image by image
+        errors.append((base - integral - (exact + A.trace() - ((e @ A) * e).sum(1))).abs().max().item())
+    assert errors[-1] < 0.02 and 3 < errors[0] / errors[1] < 5 and 3 < errors[1] / errors[2] < 5  # order 2
+    hutchinson = base - integral - exact  # unbiased: zero on average, give or take its standard error
+    assert hutchinson.mean().abs() < 4 * hutchinson.std() / 8
+    _, div = flow.divergence(LinearField(A), x1[:2], 0.5)  # no probe: the exact trace, 784 products
+    assert div.tolist() == pytest.approx([A.trace().item()] * 2, abs=1e-3)
+
+
+def test_the_zero_field_leaves_the_gaussian_it_starts_from():
+    x1 = noise(3, seed=0)
+    zero = LinearField(torch.zeros(784, 784))
+    base, integral, x0 = flow.log_likelihood(zero, x1, 5, "euler", probe=torch.ones_like(x1))
+    normal = torch.distributions.Normal(0.0, 1.0).log_prob(x1).flatten(1).sum(1)
+    assert torch.equal(x0, x1) and integral.abs().max() == 0
+    assert base.tolist() == pytest.approx(normal.tolist())
+
+
+class ToUniform(torch.nn.Module):
+    """The field that carries N(0, 1) to U(0, 1) on every pixel along x_t = (1 - t) z + t Phi(z): the z that
+    reached x is found by bisection, then a Newton step gives autograd dz/dx."""
+    num_classes = 0
+
+    def forward(self, x, t, c=None):
+        t, normal = t.view(-1, 1, 1, 1), torch.distributions.Normal(0.0, 1.0)
+        path = lambda z: (1 - t) * z + t * normal.cdf(z)
+        with torch.no_grad():
+            low, high = torch.full_like(x, -12.0), torch.full_like(x, 12.0)
+            for _ in range(40):
+                middle = (low + high) / 2
+                below = path(middle) < x
+                low, high = torch.where(below, middle, low), torch.where(below, high, middle)
+        z = (low + high) / 2
+        z = z - (path(z) - x) / (1 - t + t * normal.log_prob(z).exp())
+        return normal.cdf(z) - z
+
+
+def test_a_uniform_density_on_the_unit_cube_scores_8_bits_per_pixel():
+    assert flow.bits_per_dim(torch.tensor(0.0)) == 8  # log p = 0: 256 equal bins of 1/256
+    x1 = 0.02 + 0.96 * torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    probe = torch.randint(0, 2, x1.shape).float() * 2 - 1  # the field is pixel by pixel: Hutchinson is exact
+    base, integral, x0 = flow.log_likelihood(ToUniform(), x1, 40, "midpoint", probe=probe)
+    normal = torch.distributions.Normal(0.0, 1.0)
+    assert torch.allclose(normal.cdf(x0), x1, atol=1e-4)  # back to the z that Phi sends to x1
+    assert flow.bits_per_dim(base - integral).tolist() == pytest.approx([8, 8], abs=1e-3)
+
+
+def test_likelihood_scores_dequantized_test_digits_by_both_halves_of_a_class_model(class_run, mnist, capsys):
+    ckpt = os.path.join(class_run, "model.pt")
+    capsys.readouterr()
+    run_flow("--likelihood", 3, "--ckpt", ckpt, "--data", mnist, "--steps", 2, "--device", "cpu")
+    printed = capsys.readouterr()
+    assert "p(x given c), c = its digit: 3/3 digits, eta 0s" in printed.err
+    lines = printed.out.splitlines()
+    assert "midpoint, 2 steps" in lines[0] and "NFE 4" in lines[0]
+    rows = {line.split(" | ")[0].strip("| "): line.strip("| ").split(" | ")[1:] for line in lines[3:]}
+    assert list(rows) == ["p(x), c = 0", "p(x given c), c = its digit"]
+    # a second path: the same three digits, u and probes from the seed 180, the UNet called by hand
+    images, labels = flow.load_mnist(mnist, "cpu", 3, train=False)
+    generator = torch.Generator().manual_seed(180)
+    x1 = (images.unsqueeze(1) + torch.rand(3, 1, 28, 28, generator=generator)) / 256
+    probe = (torch.randint(0, 2, x1.shape, generator=generator) * 2 - 1).float()
+    model = flow.load_checkpoint(ckpt)
+    for c, row in zip((torch.zeros(3, 10), torch.nn.functional.one_hot(labels, 10).float()), rows.values()):
+        base, integral, _ = flow.log_likelihood(model, x1, 2, "midpoint", c, probe)
+        bits = flow.bits_per_dim(base - integral)
+        per_pixel = lambda nats: f"{nats.mean() / (784 * math.log(2)):.4f}"
+        error = f"{bits.std() / 3 ** 0.5:.4f}"
+        assert row[:4] == [f"{bits.mean():.4f}", error, per_pixel(-base), per_pixel(integral)]
+
+
+def test_likelihood_refuses_what_has_no_density(mnist, class_run, tmp_path, capsys):
+    ddpm = str(tmp_path / "ddpm.pt")
+    settings = {"cond": "time", "hidden": 8, "method": "ddpm"}
+    weights = flow.build_unet(settings).state_dict()
+    flow.save_checkpoint(ddpm, {"script": "flow.py", "args": settings, "model": weights})
+    ckpt = os.path.join(class_run, "model.pt")
+    for argv, says in [(["--ckpt", ddpm], "--likelihood needs a flow model"),
+                       (["--ckpt", tmp_path / "missing.pt"], "does not exist"),
+                       (["--ckpt", ckpt, "--guidance", 2], "density of the unguided field"),
+                       (["--ckpt", ckpt, "--steps", "10,20"], "density of the unguided field"),
+                       (["--ckpt", ckpt, "--likelihood", 10001], "the test split has 10,000 digits")]:
+        assert says in flow_error(capsys, "--likelihood", 5, "--data", mnist, *argv), argv
+    assert "at least 1" in flow_error(capsys, "--likelihood", 0, "--ckpt", ckpt)
+
+
+def test_dequantize_trains_on_each_pixel_plus_fresh_uniform_noise_over_256():
+    seen = []
+    loss = flow.dequantized(lambda model, x1, *rest: seen.append(x1) or x1.mean())
+    pixels = torch.randint(0, 256, (4, 1, 28, 28)).float()
+    for _ in range(2):
+        loss(None, pixels / 255, None, 0.1)
+    for x1 in seen:
+        assert torch.equal((x1 * 256).floor(), pixels) and 0.4 < (x1 * 256 - pixels).mean() < 0.6
+    assert not torch.equal(seen[0], seen[1])  # u drawn afresh for each batch
+
+
+
 # --- sweeps and sampling from a checkpoint -----------------------------------------
 
 
