@@ -16,6 +16,7 @@ after the banner "beyond the assignment", adds what goes further, each in a sect
     python flow.py --evaluate 1000 --ckpt samples/flow_class/model.pt --steps 10 --guidance 2   # scores
     python flow.py --predictions --ckpt samples/flow_class/model.pt   # x_t beside the network's guess of x1
     python flow.py --score mine.pt   # digits your own code saved (N x 1 x 28 x 28 in [0, 1]), scored alike
+    python flow.py --likelihood 1000 --ckpt samples/flow_density/model.pt   # bits/dim of test digits
 
 Outputs, in --out (default runs/<method>_<cond>), after every epoch: loss.csv, loss.png and ckpt.pt
 (--resume it after a crash); samples_epochNN.png after the --sample-epochs and the last; model.pt at
@@ -940,15 +941,18 @@ def score_file(args, device):
     print(f"| {value:.4f} | {confidence:.4f} | {frechet_distance(features, real):.2f} | {floor:.2f} |")
 
 
-# --- the flow as a density: bits/dim of test digits (SPEC, "the flow as a density") ---
-# Read backward with its divergence, the field is a density: log p1(x1) = log N(x0; 0, I) - integral_0^1
-# div u(x_t, t) dt, x_t the ODE's path from x1 at t = 1 back to x0 (Chen et al. 2018, FFJORD).
+# --- the flow as a density: bits/dim of test digits ---------------------------
+# The ODE carries each noise x0 to one image x1, so any image x1 came from the x0 found by running the ODE
+# backward from t = 1 to 0. Along the way the density changes as the field spreads or gathers points:
+# d log p_t(x_t) / dt = -div u(x_t, t), the divergence being the trace of du/dx. So log p1(x1) =
+# log N(x0; 0, I) - integral_0^1 div u(x_t, t) dt (Chen et al. 2018; FFJORD, Grathwohl et al. 2019).
 TRAINING_FLAGS += ["dequantize"]
 
 
 def dequantized(loss_fn):
-    """loss_fn on digits (pixel + u) / 256, u ~ U[0, 1) drawn fresh for every pixel of every batch: a
-    density on [0, 1]^784 rather than spikes on its 256 levels (Theis et al. 2016)."""
+    """loss_fn on digits (pixel + jitter) / 256, jitter ~ U[0, 1) drawn afresh for every pixel of every
+    batch (Theis et al. 2016). On the 256 levels alone a density can grow without bound (bits/dim to minus
+    infinity); spread over each level's bin, its bits/dim bound the code length of the 8-bit digits."""
     def loss(model, x1, *rest):
         return loss_fn(model, ((x1 * 255).round() + torch.rand_like(x1)) / 256, *rest)
     return loss
@@ -956,31 +960,36 @@ def dequantized(loss_fn):
 
 def divergence(model, x, t, c=None, probe=None):
     """The velocity u(x, t, c) and its divergence, the trace of du/dx, for each image of x: Hutchinson's
-    estimate e^T (du/dx) e for a probe e of random signs (unbiased; one vector-Jacobian product), or,
-    without a probe, the exact trace, one product per pixel (784)."""
+    estimate e^T (du/dx) e for a probe e of random signs, one vector-Jacobian product (unbiased: E[e e^T]
+    = I), or, without a probe, the exact trace, one product per pixel (784)."""
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
         u = velocity(model, x, t, c)
-        pixels = torch.eye(x[0].numel(), device=x.device).view(-1, 1, *x.shape[1:])
-        probes = [probe] if probe is not None else [e.expand_as(x) for e in pixels]
+        probes = [probe]
+        if probe is None:  # one-hot images: each pixel in turn, in every image at once
+            probes = [e.view(x[0].shape).expand_as(x) for e in torch.eye(x[0].numel(), device=x.device)]
         div = sum((torch.autograd.grad(u, x, e, retain_graph=True)[0] * e).flatten(1).sum(1) for e in probes)
     return u.detach(), div
 
 
 def log_likelihood(model, x1, steps, solver="midpoint", c=None, probe=None, power=2):
-    """log p1(x1) of each image under the flow's ODE, as its two terms: log N(x0; 0, I) at the end x0, and
-    the integral of the divergence over t. x and the integral go backward together from t = 1 to 0 in
-    `steps` steps of `solver` (euler or midpoint) at t_k = 1 - (k / steps)^power: packed near t = 1, where
-    the field is stiff. Returns the two terms and x0."""
+    """The two terms of log p1(x1) = base - integral for each image under the flow's ODE: base =
+    log N(x0; 0, I) at the end x0, integral = that of the divergence over t. x and the integral go backward
+    together from t = 1 to 0 in `steps` steps of `solver` (euler or midpoint) at t_k = 1 - (k/steps)^power:
+    packed near t = 1, where the field changes on a time scale of 1 - t (u = (x1_hat - x_t) / (1 - t)).
+    Returns base, integral and x0."""
     was_training = model.training
     model.eval()  # BatchNorm uses its running statistics: each image's density its own
     times = [1 - (k / steps) ** power for k in range(steps + 1)]
     x, integral = x1, torch.zeros(len(x1), device=x1.device)
     for t, s in zip(times, times[1:]):
         h = t - s  # a step back in time
-        u, div = divergence(model, x, t, c, probe)
-        if solver == "midpoint":  # the slope and divergence at the step's middle
-            u, div = divergence(model, x - h / 2 * u, t - h / 2, c, probe)
+        if solver == "midpoint":  # the slope and the divergence at the step's middle
+            with torch.no_grad():
+                half = x - h / 2 * velocity(model, x, t, c)
+            u, div = divergence(model, half, t - h / 2, c, probe)
+        else:
+            u, div = divergence(model, x, t, c, probe)
         x, integral = x - h * u, integral + h * div
     model.train(was_training)
     base = -0.5 * x.flatten(1).square().sum(1) - 0.5 * x[0].numel() * math.log(2 * math.pi)
@@ -994,26 +1003,32 @@ def bits_per_dim(log_p, dims=784):
 
 
 def likelihood(model, args, device, chunk=100):
-    """--likelihood: bits/dim of the first N test digits, (pixel + u) / 256 with u ~ U[0, 1) and the
+    """--likelihood: bits/dim of the first N test digits, (pixel + jitter) / 256 with the jitter and the
     probes drawn from the seed; a class model's density both by its c = 0 half and as p(x | c)."""
     n = args.likelihood
     if model.method != "flow":
         raise ValueError(f"--likelihood needs a flow model: {args.ckpt} is a {model.method} model")
+    if args.solver not in SOLVERS["flow"]:
+        raise ValueError(f"--likelihood integrates with euler or midpoint, not {args.solver}")
     if n > 10000:
         raise ValueError(f"--likelihood {n}: the test split has 10,000 digits")
+    if not model.settings.get("dequantize"):
+        print(f"flow.py: warning: {args.ckpt} was trained on pixel / 255, not --dequantize: its density sits "
+              "on 256 levels, and dequantized digits lie off them", file=sys.stderr)
     images, labels = load_mnist(args.data, device, n, train=False)
-    generator = torch.Generator().manual_seed(args.seed)  # the same digits, u and probes on any device
-    u = torch.rand(n, 1, 28, 28, generator=generator)
-    probes = (torch.randint(0, 2, u.shape, generator=generator) * 2 - 1).float().to(device)
-    x1 = (images.unsqueeze(1).float() + u.to(device)) / 256
+    generator = torch.Generator().manual_seed(args.seed)  # the same jitter and probes on any device
+    jitter = torch.rand(n, 1, 28, 28, generator=generator)
+    probes = (torch.randint(0, 2, jitter.shape, generator=generator) * 2 - 1).float().to(device)
+    x1 = (images.unsqueeze(1).float() + jitter.to(device)) / 256
     densities = {"p(x)": None}
     if model.num_classes:
         digits = F.one_hot(labels, 10).float()
         densities = {"p(x), c = 0": 0 * digits, "p(x given c), c = its digit": digits}
     nfe = args.steps * (2 if args.solver == "midpoint" else 1)
     print(f"{n} test digits, dequantized (seed {args.seed}); {args.solver}, {args.steps} steps at t_k = 1 - "
-          f"(k/{args.steps})^2, NFE {nfe}, one Hutchinson probe each; bits/dim = 8 + base + divergence\n"
-          "| density | bits/dim | standard error | base | divergence | std of x0 | s |\n|" + " ---: |" * 7)
+          f"(k/{args.steps})^2, NFE {nfe}, one Hutchinson probe each; bits/dim = 8 + the next two columns; "
+          "x0's standard deviation is 1 for a perfect model\n| density | bits/dim | standard error | "
+          "-log2 N(x0) / 784 | integral of div / (784 ln 2) | std of x0 | s |\n|" + " ---: |" * 7)
     for name, c in densities.items():
         t0, terms = time.time(), []
         for i in range(0, n, chunk):
@@ -1053,7 +1068,8 @@ def sweep_figure(model, args, sweep, guide=None):
 
 def from_checkpoint(args, device, sweep):
     """The modes that need no training: --evaluate, --likelihood, --predictions and --sample-only."""
-    model = load_checkpoint(args.ckpt or os.path.join(args.out or default_out(args), "ckpt.pt"), device)
+    args.ckpt = args.ckpt or os.path.join(args.out or default_out(args), "ckpt.pt")
+    model = load_checkpoint(args.ckpt, device)
     args.method, args.cond = model.method, "class" if model.num_classes else "time"
     args.reflow = model.settings.get("reflow")
     guide = load_checkpoint(args.autoguide, device) if args.autoguide else None
@@ -1211,8 +1227,9 @@ def main(argv=None):
         help="Adam's, falls to 1/10 (default: 0.01; ddpm, reflow 0.001)")
     add("--limit", type=positive(int), metavar="N", help="train on the first N images (default: all 60,000)")
     add("--steps", type=number_list(positive(int)), metavar="N",
-        help="sampling steps (default: 50; class, ddpm 300; reflow 1)")
-    add("--guidance", type=number_list(float), metavar="G", help="Alg. B.4 gamma (default: 5; reflow 1)")
+        help="sampling steps (default: 50; class, ddpm 300; reflow 1; --predictions 40, --likelihood 120)")
+    add("--guidance", type=number_list(float), metavar="G",
+        help="Alg. B.4 gamma (default: 5; reflow, --predictions, --likelihood 1)")
     add("--sample-epochs", type=number_list(positive(int)), default="1,5,10", metavar="LIST",
         help="epochs with a sample grid, and the last (default: 1,5,10; ddpm 1,5,10,20)")
     add("--gif", action="store_true", help="also write sampling.gif, the last grid's sampling (default: off)")
@@ -1233,7 +1250,8 @@ def main(argv=None):
     add("--dequantize", action="store_true", help="train on (pixel + U[0, 1)) / 256, for --likelihood "
         "(default: off)")
     add("--method", choices=["flow", "ddpm"], default="flow", help="flow matching or DDPM (default: flow)")
-    add("--solver", type=number_list(str), help="euler or midpoint; ddpm: ddpm or ddim (default: the first)")
+    add("--solver", type=number_list(str), help="euler or midpoint; ddpm: ddpm or ddim (default: the first; "
+        "--likelihood midpoint)")
     add("--autoguide", metavar="CKPT", help="guide away from this weaker model, by --guidance (default: off)")
     add("--reflow", metavar="CKPT", help="train on pairs drawn by this class flow model (default: off)")
     add("--pairs", type=positive(int), default=60000, metavar="N", help="reflow pairs (default: %(default)s)")
@@ -1258,6 +1276,8 @@ def main(argv=None):
     if args.logit_normal_t and args.method == "ddpm":
         parser.error("--logit-normal-t is for flow matching: DDPM draws t from 1..300")
     no_training = args.sample_only or args.evaluate or args.predictions or args.likelihood
+    if sum(map(bool, (args.sample_only, args.evaluate, args.likelihood, args.predictions, args.score))) > 1:
+        parser.error("--sample-only, --evaluate, --likelihood, --predictions and --score: one at a time")
     solvers = [*SOLVERS["flow"], *SOLVERS["ddpm"]] if no_training else list(SOLVERS[args.method])
     if set(args.solver or []) - set(solvers):
         parser.error(f"--solver takes {' or '.join(solvers)}, got {','.join(args.solver)}")
@@ -1269,8 +1289,8 @@ def main(argv=None):
         parser.error("--autoguide is for --sample-only and --evaluate")
     if args.reflow and (no_training or args.method == "ddpm"):
         parser.error("--reflow trains a flow model: not with --method ddpm, --sample-only or --evaluate")
-    if args.gif and (swept or args.evaluate or args.predictions):
-        parser.error("--gif animates one grid: not with --evaluate, --predictions or lists of settings")
+    if args.gif and (swept or args.evaluate or args.predictions or args.likelihood):
+        parser.error("--gif animates one grid: not with --evaluate, --likelihood, --predictions or lists")
     if args.likelihood and (swept or args.autoguide or (args.guidance or [1]) != [1]):
         parser.error("--likelihood is the density of the unguided field: not with --autoguide, "
                      "a --guidance other than 1 or lists of settings")

@@ -1294,6 +1294,7 @@ def test_likelihood_scores_dequantized_test_digits_by_both_halves_of_a_class_mod
     run_flow("--likelihood", 3, "--ckpt", ckpt, "--data", mnist, "--steps", 2, "--device", "cpu")
     printed = capsys.readouterr()
     assert "p(x given c), c = its digit: 3/3 digits, eta 0s" in printed.err
+    assert "trained on pixel / 255, not --dequantize" in printed.err  # class_run was
     lines = printed.out.splitlines()
     assert "midpoint, 2 steps" in lines[0] and "NFE 4" in lines[0]
     rows = {line.split(" | ")[0].strip("| "): line.strip("| ").split(" | ")[1:] for line in lines[3:]}
@@ -1322,6 +1323,7 @@ def test_likelihood_refuses_what_has_no_density(mnist, class_run, tmp_path, caps
                        (["--ckpt", tmp_path / "missing.pt"], "does not exist"),
                        (["--ckpt", ckpt, "--guidance", 2], "density of the unguided field"),
                        (["--ckpt", ckpt, "--steps", "10,20"], "density of the unguided field"),
+                       (["--ckpt", ckpt, "--solver", "ddim"], "integrates with euler or midpoint"),
                        (["--ckpt", ckpt, "--likelihood", 10001], "the test split has 10,000 digits")]:
         assert says in flow_error(capsys, "--likelihood", 5, "--data", mnist, *argv), argv
     assert "at least 1" in flow_error(capsys, "--likelihood", 0, "--ckpt", ckpt)
@@ -1393,6 +1395,7 @@ def test_benchmark_reports_speed_and_writes_nothing(mnist, tmp_path, capsys, mon
     (["--reflow", "teacher.pt", "--evaluate", "10"], "--reflow trains a flow model"),
     (["--predictions", "--steps", "10,20"], "--predictions draws one figure"),
     (["--predictions", "--gif"], "--gif animates one grid"),
+    (["--likelihood", "5", "--evaluate", "5"], "one at a time"),
 ])
 def test_bad_flags_are_refused(capsys, argv, says):
     assert says in flow_error(capsys, *argv)
