@@ -16,7 +16,7 @@ after the banner "beyond the assignment", adds what goes further, each in a sect
     python flow.py --evaluate 1000 --ckpt samples/flow_class/model.pt --steps 10 --guidance 2   # scores
     python flow.py --predictions --ckpt samples/flow_class/model.pt   # x_t beside the network's guess of x1
     python flow.py --score mine.pt   # digits your own code saved (N x 1 x 28 x 28 in [0, 1]), scored alike
-    python flow.py --likelihood 1000 --ckpt samples/flow_density/model.pt   # bits/dim of test digits
+    python flow.py --likelihood 1000 --steps 60 --ckpt samples/flow_density/model.pt   # bits/dim, 10 minutes
 
 Outputs, in --out (default runs/<method>_<cond>), after every epoch: loss.csv, loss.png and ckpt.pt
 (--resume it after a crash); samples_epochNN.png after the --sample-epochs and the last; model.pt at
