@@ -977,7 +977,8 @@ def log_likelihood(model, x1, steps, solver="midpoint", c=None, probe=None, powe
     log N(x0; 0, I) at the end x0, integral = that of the divergence over t. x and the integral go backward
     together from t = 1 to 0 in `steps` steps of `solver` (euler or midpoint) at t_k = 1 - (k/steps)^power:
     packed near t = 1, where the field changes on a time scale of 1 - t (u = (x1_hat - x_t) / (1 - t)).
-    Returns base, integral and x0."""
+    One probe per image, the same at every step, keeps the integral's estimate unbiased. Returns base,
+    integral and x0."""
     was_training = model.training
     model.eval()  # BatchNorm uses its running statistics: each image's density its own
     times = [1 - (k / steps) ** power for k in range(steps + 1)]
