@@ -17,6 +17,7 @@ mean_image.png), loss.csv, loss.png, metrics.csv and ckpt.pt to --out, the figur
 and the last epoch. 154 min on a 2-core CPU in fp32, 85 min with --amp (bfloat16).
 """
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -98,8 +99,9 @@ def load_mnist(root, device, limit=None, train=True):
 
 
 def add_noise(x, sigma, pure_noise=False, generator=None):
-    """z = x + sigma eps (eq. B.2), or the blank canvas z = eps when pure_noise."""
-    eps = torch.randn(x.shape, device=x.device, generator=generator)
+    """z = x + sigma eps (eq. B.2), or the blank canvas z = eps when pure_noise. eps comes from a CPU
+    generator where one is given (the same figures on every device), else from x's device."""
+    eps = torch.randn_like(x) if generator is None else torch.randn(x.shape, generator=generator).to(x.device)
     return eps if pure_noise else x + sigma * eps
 
 
@@ -113,19 +115,67 @@ def to_float(images):
 
 
 @torch.inference_mode()
-def evaluate(model, images, sigma, pure_noise=False, batch_size=500, seed=0):
+def evaluate(model, images, sigma, pure_noise=False, amp=False, batch_size=500, seed=0):
     """Mean squared error per pixel of D(z) against the clean images, and the mean output, with the
     noise fixed by seed so that epochs compare. BatchNorm uses its running statistics."""
     model.eval()
-    generator = torch.Generator(images.device).manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
     x = to_float(images)
-    out = torch.cat([model(add_noise(b, sigma, pure_noise, generator)) for b in x.split(batch_size)])
-    return F.mse_loss(out, x).item(), out.mean(0)
+    with autocast(x.device, amp):
+        out = torch.cat([model(add_noise(b, sigma, pure_noise, generator)) for b in x.split(batch_size)])
+    return F.mse_loss(out.float(), x).item(), out.float().mean(0)
 
 
 def psnr(mse):
     return 10 * math.log10(1 / mse) if mse > 0 else float("inf")  # pixels in [0, 1]
 
+
+# --- device and precision: CUDA, Apple's MPS or the CPU, each with what it can do ---
+
+
+def pick_device(name):
+    """--device: auto takes cuda, then mps, then cpu; a device this machine lacks is a ValueError."""
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    name = next(d for d in available if available[d]) if name == "auto" else name
+    if not available[name]:
+        raise ValueError(f"--device {name} is not available on this machine: use --device auto")
+    return torch.device(name)
+
+
+def amp_problem(device):
+    """Why --amp (bfloat16 autocast) cannot run on device, or None where it can."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):  # a T4 is 7.5
+        return f"{torch.cuda.get_device_name(device)} has no bfloat16 convolutions (compute capability 8.0+)"
+    if device.type == "mps" and torch.__version__ < "2.6":
+        return f"bfloat16 autocast on MPS needs torch 2.6 or newer, not {torch.__version__}"
+    return None
+
+
+def autocast(device, amp):
+    """bfloat16 autocast under --amp; without it, no autocast context at all (MPS had none before 2.5)."""
+    return torch.autocast(device.type, torch.bfloat16) if amp else contextlib.nullcontext()
+
+
+def to_device(model, device):
+    """model on device; in channels-last memory on CUDA, where convolutions run faster that way (on MPS
+    BatchNorm computes wrong answers in it)."""
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if torch.device(device).type == "cuda" else model
+
+
+def random_streams(device):
+    """The CPU's random stream and the device's own, for a checkpoint: a resumed run draws on from them."""
+    streams = {"rng_cpu": torch.get_rng_state()}
+    if device.type != "cpu":
+        streams["rng_" + device.type] = getattr(torch, device.type).get_rng_state()  # torch.cuda, torch.mps
+    return streams
+
+
+def restore_random_streams(streams, device):
+    """Set the streams that random_streams saved (a device's own only if it saved that device's)."""
+    torch.set_rng_state(streams["rng_cpu"].cpu())
+    if device.type != "cpu" and streams.get("rng_" + device.type) is not None:
+        getattr(torch, device.type).set_rng_state(streams["rng_" + device.type].cpu())
 
 # --- training ----------------------------------------------------------------
 
@@ -133,31 +183,33 @@ def psnr(mse):
 def train_epoch(model, optimizer, x_all, epoch, args):
     """One pass over the training images in a fresh random order; returns the per-step losses."""
     model.train()
-    steps = len(x_all) // args.batch_size  # the last partial batch is dropped
+    batches = len(x_all) // args.batch_size  # the last partial batch is dropped
     perm = torch.randperm(len(x_all), device=x_all.device)
-    losses, t_epoch = [], time.time()
-    for step in range(steps):
+    losses, started = torch.zeros(batches, device=x_all.device), time.time()  # read back at log steps only
+    for step in range(batches):
         x = to_float(x_all[perm[step * args.batch_size:(step + 1) * args.batch_size]])
-        with torch.autocast(x.device.type, torch.bfloat16, enabled=args.amp):
+        with autocast(x.device, args.amp):
             loss = denoising_loss(model, x, args.sigma, args.pure_noise)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(loss.item())
-        if not math.isfinite(losses[-1]):
-            kept = f"the checkpoint of epoch {epoch - 1} is kept" if epoch > 1 else "no checkpoint exists yet"
-            raise ValueError(f"the loss became {losses[-1]} at step {step + 1} of epoch {epoch}; {kept}; "
-                             "try a lower --lr")
-        if (step + 1) % args.log_every == 0 or step + 1 == steps:
-            seconds = time.time() - t_epoch
-            eta = seconds / (step + 1) * ((args.epochs - epoch + 1) * steps - step - 1)
-            print(f"epoch {epoch}/{args.epochs} | step {step + 1:4d}/{steps} | loss {losses[-1]:.4f} | "
+        losses[step] = loss.detach()
+        if (step + 1) % args.log_every == 0 or step + 1 == batches:
+            seen = losses[:step + 1].tolist()  # the one sync of a log step
+            if not all(map(math.isfinite, seen)):
+                first = next(i for i, v in enumerate(seen) if not math.isfinite(v))
+                kept = "no checkpoint exists yet" if epoch == 1 else f"epoch {epoch - 1}'s checkpoint is kept"
+                raise ValueError(f"the loss became {seen[first]} at step {first + 1} of epoch {epoch}; "
+                                 f"{kept}; try a lower --lr")
+            seconds = time.time() - started
+            eta = seconds / (step + 1) * ((args.epochs - epoch + 1) * batches - step - 1)
+            print(f"epoch {epoch}/{args.epochs} | step {step + 1:4d}/{batches} | loss {seen[-1]:.4f} | "
                   f"{(step + 1) * args.batch_size / seconds:4.0f} img/s | eta {eta / 60:.1f} min", flush=True)
-    return losses
+    return losses.tolist()
 
 
 def train(args, device):
-    model = UNet(args.hidden).to(device, memory_format=torch.channels_last)  # faster convolutions
+    model = to_device(UNet(args.hidden), device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     losses, metrics, start_epoch = [], [], 1
     if args.resume:  # the weights, the optimizer and the random stream, as they were
@@ -169,9 +221,7 @@ def train(args, device):
                                  f"pass {flag} {old} to resume it")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng_cpu"].cpu())
-        if ckpt["rng_cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state(ckpt["rng_cuda"].cpu())
+        restore_random_streams(ckpt, device)
         losses, metrics, start_epoch = ckpt["losses"], ckpt["metrics"], ckpt["epoch"] + 1
     x_all, x_test = (load_mnist(args.data, device, args.limit, train)[0] for train in (True, False))
     if len(x_all) < args.batch_size:
@@ -186,18 +236,19 @@ def train(args, device):
     for epoch in range(start_epoch, args.epochs + 1):
         t_epoch = time.time()
         losses += train_epoch(model, optimizer, x_all, epoch, args)
-        mse, mean_output = evaluate(model, x_test, args.sigma, args.pure_noise)
+        mse, mean_output = evaluate(model, x_test, args.sigma, args.pure_noise, args.amp)
         mean_loss = sum(losses[-steps:]) / steps
         msg = f"epoch {epoch} done in {time.time() - t_epoch:.0f}s, mean loss {mean_loss:.4f}"
         if args.pure_noise:
             to_mean = F.mse_loss(mean_output, mean_image).item()
             metrics.append({"epoch": epoch, "test_mse": mse, "mean_output_vs_mean_image_mse": to_mean})
             msg += f"; test MSE {mse:.4f}; MSE(mean output, mean image) {to_mean:.6f}"
-        else:  # the trained sigma after every epoch; after the last, every sigma of SIGMAS too
+        else:  # the trained sigma after every epoch; after the last, every sigma of SIGMAS on 1,000 digits
             for s in [args.sigma] + (SIGMAS if epoch == args.epochs else []):
-                mse_s = mse if s == args.sigma else evaluate(model, x_test, s)[0]  # same seed, same answer
+                mse_s = mse if s == args.sigma else evaluate(model, x_test[:1000], s, amp=args.amp)[0]
                 metrics.append({"epoch": epoch, "sigma": s, "test_mse": mse_s, "test_psnr_db": psnr(mse_s)})
-                msg += f"\n  sigma {s}: test MSE {mse_s:.5f}, PSNR {psnr(mse_s):.2f} dB"
+                digits = "" if s == args.sigma else " (1,000 digits)"
+                msg += f"\n  sigma {s}: test MSE {mse_s:.5f}, PSNR {psnr(mse_s):.2f} dB{digits}"
         save_progress(epoch, args, model, optimizer, losses, metrics)
         if epoch in (1, args.epochs):
             name = f"{'pure_noise' if args.pure_noise else 'denoised'}_epoch{epoch:02d}.png"
@@ -241,7 +292,7 @@ def figure(rows, row_labels, col_labels=None, title=None, scale=3):
 @torch.inference_mode()
 def sigma_figure(x, model=None, title="z = x + sigma * eps (eq. B.2)"):
     """The digits in x at every sigma of SIGMAS (eq. B.2) and, given a model, denoised in the row below."""
-    g = torch.Generator(x.device).manual_seed(0)
+    g = torch.Generator().manual_seed(0)
     rows, labels = [], []
     for i, digit in enumerate(x):
         z = torch.stack([add_noise(digit, s, generator=g) for s in SIGMAS])
@@ -253,9 +304,9 @@ def sigma_figure(x, model=None, title="z = x + sigma * eps (eq. B.2)"):
 @torch.inference_mode()
 def epoch_figure(model, x, args, epoch):
     """Test digits x noised at args.sigma and denoised; with --pure-noise, ten noises and their output."""
-    g = torch.Generator(x.device).manual_seed(0)
+    g = torch.Generator().manual_seed(0)
     if args.pure_noise:
-        z = torch.randn(10, 1, 28, 28, device=x.device, generator=g)
+        z = torch.randn(10, 1, 28, 28, generator=g).to(x.device)
         return figure([z, model.eval()(z)], ["pure noise z", "output D(z)"],
                       title=f"denoising pure noise, after epoch {epoch}")
     z = add_noise(x, args.sigma, generator=g)
@@ -311,8 +362,7 @@ def save_progress(epoch, args, model, optimizer, losses, metrics):
     path = os.path.join(args.out, "ckpt.pt")
     torch.save({"script": SCRIPT, "epoch": epoch, "args": vars(args), "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(), "losses": losses, "metrics": metrics,
-                "rng_cpu": torch.get_rng_state(),
-                "rng_cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}, path + ".tmp")
+                **random_streams(next(model.parameters()).device)}, path + ".tmp")
     os.replace(path + ".tmp", path)  # a crash mid-save never leaves a broken checkpoint
 
 
@@ -349,7 +399,8 @@ def main(argv=None):
     add("--data", default="data", help="MNIST root, downloaded if missing (default: %(default)s)")
     add("--out", help="output folder (default: runs/denoise, or runs/denoise_pure_noise)")
     add("--resume", metavar="CKPT", help="continue training from this checkpoint (default: start afresh)")
-    add("--amp", action="store_true", help="bfloat16 autocast for training (default: off, fp32)")
+    add("--amp", action="store_true", help="bfloat16 autocast: CUDA 8.0+ (not a T4), MPS with torch 2.6+, "
+        "CPUs (slow without AVX-512 BF16 or AMX) (default: off, fp32)")
     add("--log-every", type=int, default=50, help="steps between log lines (default: %(default)s)")
     add("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto",
         help="auto picks cuda, then mps, then cpu (default: %(default)s)")
@@ -359,10 +410,12 @@ def main(argv=None):
         parser.error("--hidden, --epochs, --batch-size, --limit and --log-every must be at least 1")
     if not args.lr > 0 or not args.sigma >= 0:
         parser.error(f"--lr must be positive and --sigma at least 0, got {args.lr} and {args.sigma}")
-    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
-    device = next(d for d in available if available[d]) if args.device == "auto" else args.device
-    if not available[device]:
-        parser.error(f"--device {device} is not available on this machine: use --device auto")
+    try:
+        device = pick_device(args.device)
+        if args.amp and amp_problem(device):
+            raise ValueError(f"--amp: {amp_problem(device)}; run without --amp (fp32)")
+    except ValueError as e:
+        parser.error(str(e))
     args.out = args.out or os.path.join("runs", "denoise_pure_noise" if args.pure_noise else "denoise")
     try:
         os.makedirs(args.out, exist_ok=True)
@@ -373,7 +426,7 @@ def main(argv=None):
 
     torch.manual_seed(args.seed)
     try:
-        train(args, torch.device(device))
+        train(args, device)
     except ValueError as e:
         sys.exit(f"denoise.py: error: {e}")
 

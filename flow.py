@@ -5,8 +5,9 @@ A UNet u_theta(x_t, t, c) learns the velocity of straight paths from Gaussian no
 digits x1: x_t = (1 - t) x0 + t x1 moves at u = x1 - x0 (eq. B.3, B.4), so training is plain
 regression (eq. B.5). Sampling integrates dx/dt = u_theta from t = 0 (noise) to t = 1 (a digit)
 with Euler steps; with classes, classifier-free guidance mixes the conditional and
-unconditional velocities. Part one below is the course assignment, read top to bottom; part two,
-after the banner "beyond the assignment", adds what goes further, each in a section of its own.
+unconditional velocities. Part one below is the course assignment, a complete program read top to
+bottom (flow.py cut at its banner runs it); part two, after the banner "beyond the assignment", adds
+what goes further, each in a section of its own, and main(), which hands plain runs to part one.
 
     python flow.py --sample-only --ckpt samples/flow_class/model.pt --steps 10 --guidance 2   # seconds
     python flow.py --cond class --epochs 10    # the assignment's run, 4 of each digit -> runs/flow_class
@@ -23,6 +24,7 @@ Outputs, in --out (default runs/<method>_<cond>), after every epoch: loss.csv, l
 the end. --benchmark times your machine; samples/README.md gives every run's wall time.
 """
 import argparse
+import contextlib
 import copy
 import functools
 import itertools
@@ -91,6 +93,7 @@ class UNet(nn.Module):
 
     def forward(self, x_t, t, c=None):
         # x_t: B x 1 x 28 x 28, t: B x 1 in [0, 1], c: B x num_classes one-hot (or zeros)
+        # the seed's names: Flatten is an average pool; tensors unflatten and up1 are named after their ops
         e0 = self.conv_in(x_t)  # D x 28 x 28
         e1 = self.down1(e0)  # D x 14 x 14
         e2 = self.down2(e1)  # 2D x 7 x 7
@@ -130,9 +133,10 @@ def flow_matching_loss(model, x1, labels=None, p_uncond=0.1, x0=None, t=None):
     return F.mse_loss(model(x_t, t, class_input(model, labels, p_uncond)), x1 - x0)
 
 
-def velocity(model, x, t, c=None, guidance=1.0):
-    """u_theta(x, t, c) for every image of x at time t (a number); with c, guided by classifier-free
-    guidance (Algorithm B.4), the conditional and the unconditional velocity (c = 0) in one batch."""
+def predict(model, x, t, c=None, guidance=1.0):
+    """The network's output at x (every image) and time t (a number): u_theta(x, t, c), with c guided
+    by classifier-free guidance (Algorithm B.4), the conditional and the unconditional half (c = 0) in one
+    batch."""
     t = torch.full((x.shape[0], 1), t, device=x.device)
     if c is None or guidance == 1:
         return model(x, t, c).float()  # fp32 under --amp
@@ -140,32 +144,33 @@ def velocity(model, x, t, c=None, guidance=1.0):
     return u_uncond + guidance * (u_cond - u_uncond)
 
 
-def euler_step(u, x, i, steps):
-    """Step i of Algorithm B.2: x <- x + (1/T) u(x, i/T), with T = steps and u the velocity field."""
+def euler_step(u_theta, x, i, steps):
+    """Step i of Algorithm B.2: x <- x + (1/T) u_theta(x, i/T), with T = steps and u_theta(x, t) the field."""
     dt = 1.0 / steps
-    return x + dt * u(x, i * dt)
+    return x + dt * u_theta(x, i * dt)
 
 
 @torch.inference_mode()
 def sample(model, n, labels=None, steps=50, guidance=5.0, seed=0, step_fn=euler_step, trajectory=None):
     """n digits from noise x0 ~ N(0, I), `steps` steps of step_fn from t = 0 to 1 (Algorithm B.2). labels
     (a LongTensor of digits) turns on classifier-free guidance of weight `guidance` (Algorithm B.4).
-    `trajectory`, if a list, receives x at t = 0, 1/steps, ..., 1, on the CPU."""
+    `trajectory`, if a list, receives x at t = 0, 1/steps, ..., 1, on the model's device."""
     was_training = model.training
     model.eval()  # BatchNorm uses its running statistics
     device = next(model.parameters()).device
     c = None if labels is None else F.one_hot(labels.to(device), model.num_classes).float()
-    u = lambda x, t: velocity(model, x, t, c, guidance)  # the field that the steps follow
-    # the noise comes from the seed alone, and the training run's random stream is left where it was
-    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type):
+    u_theta = lambda x, t: predict(model, x, t, c, guidance)  # the field that the steps follow
+    # the noise comes from the CPU's random stream, seeded and forked: the seed draws the same digits on
+    # every device, and training's streams are left where they were
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        x = torch.randn(n, 1, 28, 28, device=device)  # x0
+        x = torch.randn(n, 1, 28, 28).to(device)  # x0
         for i in range(steps):
             if trajectory is not None:
-                trajectory.append(x.cpu())
-            x = step_fn(u, x, i, steps)
+                trajectory.append(x)
+            x = step_fn(u_theta, x, i, steps)
     if trajectory is not None:
-        trajectory.append(x.cpu())
+        trajectory.append(x)
     model.train(was_training)
     return x
 
@@ -185,94 +190,136 @@ def load_mnist(root, device, limit=None, train=True):
     return data.data[:limit].to(device), data.targets[:limit].to(device)
 
 
-# --- training ----------------------------------------------------------------
+# --- device and precision: CUDA, Apple's MPS or the CPU, each with what it can do ---
 
-# the flags that shape a run's training: a resumed run must keep them (part two adds its own)
-TRAINING_FLAGS = ["cond", "hidden", "p_uncond", "batch_size", "epochs", "lr", "limit"]
+
+def pick_device(name):
+    """--device: auto takes cuda, then mps, then cpu; a device this machine lacks is a ValueError."""
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    name = next(d for d in available if available[d]) if name == "auto" else name
+    if not available[name]:
+        raise ValueError(f"--device {name} is not available on this machine: use --device auto")
+    return torch.device(name)
+
+
+def amp_problem(device):
+    """Why --amp (bfloat16 autocast) cannot run on device, or None where it can."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):  # a T4 is 7.5
+        return f"{torch.cuda.get_device_name(device)} has no bfloat16 convolutions (compute capability 8.0+)"
+    if device.type == "mps" and torch.__version__ < "2.6":
+        return f"bfloat16 autocast on MPS needs torch 2.6 or newer, not {torch.__version__}"
+    return None
+
+
+def autocast(device, amp):
+    """bfloat16 autocast under --amp; without it, no autocast context at all (MPS had none before 2.5)."""
+    return torch.autocast(device.type, torch.bfloat16) if amp else contextlib.nullcontext()
+
+
+def to_device(model, device):
+    """model on device; in channels-last memory on CUDA, where convolutions run faster that way (on MPS
+    BatchNorm computes wrong answers in it)."""
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if torch.device(device).type == "cuda" else model
+
+
+def random_streams(device):
+    """The CPU's random stream and the device's own, for a checkpoint: a resumed run draws on from them."""
+    streams = {"rng_cpu": torch.get_rng_state()}
+    if device.type != "cpu":
+        streams["rng_" + device.type] = getattr(torch, device.type).get_rng_state()  # torch.cuda, torch.mps
+    return streams
+
+
+def restore_random_streams(streams, device):
+    """Set the streams that random_streams saved (a device's own only if it saved that device's)."""
+    torch.set_rng_state(streams["rng_cpu"].cpu())
+    if device.type != "cpu" and streams.get("rng_" + device.type) is not None:
+        getattr(torch, device.type).set_rng_state(streams["rng_" + device.type].cpu())
+
+# --- training ----------------------------------------------------------------
 
 
 def train_epoch(model, optimizer, data, epoch, args, loss_fn=flow_matching_loss):
-    """One pass over data, (images, labels, any more per-image inputs of loss_fn), in a fresh random
-    order. Returns the per-step losses."""
-    device, steps = data[0].device, len(data[0]) // args.batch_size  # the last partial batch is dropped
+    """One pass over data in a fresh random order; returns the per-step losses. data holds the images,
+    their labels, and any more per-image tensors, whose batches loss_fn receives after p_uncond."""
+    device, batches = data[0].device, len(data[0]) // args.batch_size  # the last partial batch is dropped
     model.train()
     perm = torch.randperm(len(data[0]), device=device)
-    losses = torch.zeros(steps, device=device)  # read back at log steps only: no sync per step
-    t_epoch = time.time()
-    for step in range(steps):
+    losses = torch.zeros(batches, device=device)  # read back at log steps only: no sync per step
+    started = time.time()
+    for step in range(batches):
         images, labels, *more = (d[perm[step * args.batch_size:(step + 1) * args.batch_size]] for d in data)
         x1 = images.unsqueeze(1).float() / 255  # B x 1 x 28 x 28 in [0, 1]
-        with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
+        with autocast(device, args.amp):
             loss = loss_fn(model, x1, labels if model.num_classes else None, args.p_uncond, *more)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         losses[step] = loss.detach()
-        if (step + 1) % args.log_every == 0 or step + 1 == steps:
-            log_progress(losses[:step + 1].cpu(), steps, epoch, args, optimizer, time.time() - t_epoch)
+        if (step + 1) % args.log_every == 0 or step + 1 == batches:
+            log_progress(losses[:step + 1].cpu(), batches, epoch, args, optimizer, time.time() - started)
     return losses.tolist()
 
 
-def log_progress(losses, steps, epoch, args, optimizer, seconds):
+def log_progress(losses, batches, epoch, args, optimizer, seconds):
     """A log line after the epoch's losses so far, with the speed and the time left; stops the run at a
     loss that is no longer finite."""
     if not losses.isfinite().all():
         first = int((~losses.isfinite()).nonzero()[0])
         kept = f"the checkpoint of epoch {epoch - 1} is kept" if epoch > 1 else "no checkpoint exists yet"
-        at = (epoch - 1) * steps + first + 1
+        at = (epoch - 1) * batches + first + 1
         raise ValueError(f"the loss became {losses[first].item()} at step {at}; {kept}; try a lower --lr")
     done = len(losses)
-    eta = seconds / done * ((args.epochs - epoch + 1) * steps - done)
-    print(f"epoch {epoch:3d}/{args.epochs} | step {done:5d}/{steps} | loss {losses[-1].item():.4f} | "
+    eta = seconds / done * ((args.epochs - epoch + 1) * batches - done)
+    print(f"epoch {epoch:3d}/{args.epochs} | step {done:5d}/{batches} | loss {losses[-1].item():.4f} | "
           f"lr {optimizer.param_groups[0]['lr']:.2e} | {done * args.batch_size / seconds:6.0f} img/s | "
           f"eta {eta / 60:5.1f} min", flush=True)
 
 
 def train(args, model, optimizer, data, loss_fn=flow_matching_loss, step_fn=euler_step, net=None):
-    """args.epochs epochs of train_epoch, the learning rate falling 10x over the run; after each epoch
-    the loss, its plot and ckpt.pt, and a grid after the --sample-epochs and the last. `net`, the
-    network that draws the grids and that model.pt ships, is the model itself unless given."""
+    """args.epochs epochs of train_epoch, Adam's rate multiplied by 0.1 ** (1 / epochs) after each (the
+    assignment's schedule); after each epoch the loss, its plot and ckpt.pt, and a grid after the
+    --sample-epochs and the last. The defaults are the assignment's; a caller may train another loss_fn,
+    sample the grids with another step_fn, or draw them and ship in model.pt another network `net`."""
     net = model if net is None else net
+    if len(data[0]) < args.batch_size:
+        raise ValueError(f"{len(data[0])} images are fewer than --batch-size {args.batch_size}: "
+                         "lower it, or raise --limit")
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, 0.1 ** (1 / args.epochs))  # once an epoch
     losses, lrs, start_epoch = [], [], 1
     if args.resume:
         losses, lrs, start_epoch = resume(args, model, optimizer, scheduler)
-    steps = len(data[0]) // args.batch_size
+    batches = len(data[0]) // args.batch_size
     print(f"{args.cond}-conditioned UNet, {sum(p.numel() for p in model.parameters()):,} parameters, "
-          f"{len(data[0]):,} images, {steps} steps per epoch, device {data[0].device}")
+          f"{len(data[0]):,} images, {batches} steps per epoch, device {data[0].device}")
     for epoch in range(start_epoch, args.epochs + 1):
-        t0 = time.time()
+        started = time.time()
         lrs.append(optimizer.param_groups[0]["lr"])
         losses += train_epoch(model, optimizer, data, epoch, args, loss_fn)
         scheduler.step()
         save_progress(epoch, args, model, optimizer, scheduler, losses, lrs, net)
-        msg = f"epoch {epoch} done in {time.time() - t0:.1f}s, mean loss {sum(losses[-steps:]) / steps:.4f}"
+        mean_loss = sum(losses[-batches:]) / batches
+        msg = f"epoch {epoch} done in {time.time() - started:.1f}s, mean loss {mean_loss:.4f}"
         if epoch in args.sample_epochs or epoch == args.epochs:
-            t_sample, trajectory = time.time(), [] if args.gif and epoch == args.epochs else None
+            started, trajectory = time.time(), [] if args.gif and epoch == args.epochs else None
             name = f"samples_epoch{epoch:02d}.png"
             sample_grid(net, args, trajectory, step_fn).save(os.path.join(args.out, name))
             if trajectory:
                 save_gif(os.path.join(args.out, "sampling.gif"), trajectory)
-            msg += f"; wrote {name} in {time.time() - t_sample:.1f}s"
+            msg += f"; wrote {name} in {time.time() - started:.1f}s"
         print(msg, flush=True)
 
 
 def resume(args, model, optimizer, scheduler):
     """Load args.resume into the model, optimizer, scheduler and the random streams.
     Returns the losses and learning rates so far and the epoch to continue with."""
-    ckpt = read_checkpoint(args.resume, next(model.parameters()).device)
-    for key in TRAINING_FLAGS:  # a flag newer than the checkpoint is not checked
-        new, flag = getattr(args, key), "--" + key.replace("_", "-")
-        old = ckpt["args"].get(key, new)
-        if old != new:
-            raise ValueError(f"{args.resume} was trained with {flag} {old}, not {new}: "
-                             f"pass {flag} {old} to resume it")
+    device = next(model.parameters()).device
+    ckpt = read_checkpoint(args.resume, device)
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
-    torch.set_rng_state(ckpt["rng_cpu"].cpu())
-    if ckpt["rng_cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(ckpt["rng_cuda"].cpu())
+    restore_random_streams(ckpt, device)
     print(f"resumed {args.resume} after epoch {ckpt['epoch']}")
     return ckpt["losses"], ckpt["lrs"], ckpt["epoch"] + 1
 
@@ -290,7 +337,7 @@ def grid_image(x, nrow=10, scale=2):
 def sample_grid(model, args, trajectory=None, step_fn=euler_step):
     """The assignment's figure: 40 digits; with classes, column k holds 4 samples of digit k."""
     labels = torch.arange(10).repeat(4) if model.num_classes else None
-    with torch.autocast(next(model.parameters()).device.type, torch.bfloat16, enabled=args.amp):
+    with autocast(next(model.parameters()).device, args.amp):
         x = sample(model, 40, labels, args.steps, args.guidance, args.seed, step_fn, trajectory)
     return grid_image(x)
 
@@ -341,13 +388,13 @@ def plot_loss(losses, steps_per_epoch, path, title):
 def save_progress(epoch, args, model, optimizer, scheduler, losses, lrs, net):
     """After each epoch: loss.csv, loss.png and ckpt.pt, everything a resumed run needs; after the last,
     model.pt, net's weights alone in half precision: what samples/ ships."""
-    steps = len(losses) // epoch
+    batches = len(losses) // epoch
     with open(os.path.join(args.out, "loss.csv"), "w") as f:
         f.write("step,epoch,loss,lr\n")
-        f.writelines(f"{i + 1},{i // steps + 1},{v:.6f},{lrs[i // steps]:.6e}\n"
+        f.writelines(f"{i + 1},{i // batches + 1},{v:.6f},{lrs[i // batches]:.6e}\n"
                      for i, v in enumerate(losses))
-    title = f"training loss, {args.cond}-conditioned UNet ({args.method})"
-    plot_loss(losses, steps, os.path.join(args.out, "loss.png"), title)
+    title = f"training loss, {args.cond}-conditioned UNet"
+    plot_loss(losses, batches, os.path.join(args.out, "loss.png"), title)
     if epoch == args.epochs:  # BatchNorm statistics stay fp32: a running variance can pass fp16's 65504
         params = dict(net.named_parameters())
         weights = {k: v.half() if k in params else v for k, v in net.state_dict().items()}
@@ -356,8 +403,7 @@ def save_progress(epoch, args, model, optimizer, scheduler, losses, lrs, net):
     save_checkpoint(os.path.join(args.out, "ckpt.pt"), {
         "script": SCRIPT, "epoch": epoch, "args": vars(args), "model": model.state_dict(),
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "losses": losses,
-        "lrs": lrs, "rng_cpu": torch.get_rng_state(),
-        "rng_cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None})
+        "lrs": lrs, **random_streams(next(model.parameters()).device)})
 
 
 def save_checkpoint(path, state):
@@ -379,6 +425,140 @@ def read_checkpoint(path, device="cpu"):
     return ckpt
 
 
+# --- the program: the assignment's flags, its run, and resuming one ---------
+
+TRAINING_FLAGS = ["cond", "hidden", "p_uncond", "batch_size", "epochs", "lr", "limit"]  # a resume keeps them
+
+
+def positive(kind):
+    """An argparse type: a number of `kind` (int or float) above 0."""
+    def parse(text):
+        if not kind(text) > 0:  # argparse turns a ValueError into "invalid positive int value: '0'"
+            raise ValueError(text)
+        return kind(text)
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
+def number_list(kind):
+    """An argparse type: '1,5,10' -> [1, 5, 10], each value made and checked by kind."""
+    def parse(text):
+        try:
+            return [kind(v) for v in text.split(",")]
+        except (ValueError, argparse.ArgumentTypeError):
+            raise argparse.ArgumentTypeError(f"expected comma-separated values, got {text!r}") from None
+    return parse
+
+
+def assignment_parser():
+    """The assignment's flags in two groups, each --help with its default."""
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument_group("the assignment").add_argument
+    add("--cond", choices=["time", "class"], default="class", help="time, or time and digit (default: class)")
+    add("--hidden", type=positive(int), default=64, metavar="D", help="UNet width D (default: %(default)s)")
+    add("--p-uncond", type=float, default=0.1, metavar="P", help="class dropout, Alg. B.3 (default: 0.1)")
+    add("--epochs", type=positive(int), default=10, metavar="N", help="epochs (default: %(default)s)")
+    add("--batch-size", type=positive(int), default=64, metavar="N", help="batch (default: %(default)s)")
+    add("--lr", type=positive(float), default=0.01,
+        help="Adam's, times 0.1 ** (1 / epochs) after each epoch (default: %(default)s)")
+    add("--limit", type=positive(int), metavar="N", help="train on the first N images (default: all 60,000)")
+    add("--steps", type=positive(int), metavar="N", help="Euler steps of a grid (default: 50; class 300)")
+    add("--guidance", type=float, default=5.0, metavar="G", help="Alg. B.4's gamma (default: %(default)s)")
+    add("--sample-epochs", type=number_list(positive(int)), default="1,5,10", metavar="LIST",
+        help="epochs with a sample grid, and the last (default: %(default)s)")
+    add("--gif", action="store_true", help="also write sampling.gif, the last grid's sampling (default: off)")
+    add = parser.add_argument_group("input, output, system").add_argument
+    add("--data", default="data", help="MNIST root, downloaded if missing (default: %(default)s)")
+    add("--out", help="output folder (default: runs/flow_<cond>; with --resume, its folder)")
+    add("--resume", metavar="CKPT", help="continue the run of this ckpt.pt, with its flags (default: off)")
+    add("--amp", action="store_true", help="bfloat16 autocast: CUDA 8.0+ (not a T4), MPS with torch 2.6+, "
+        "CPUs (slow without AVX-512 BF16 or AMX) (default: off, fp32)")
+    add("--log-every", type=positive(int), default=100, metavar="N", help="steps a log line (default: 100)")
+    add("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto",
+        help="auto: cuda, then mps, then cpu (default: auto)")
+    add("--seed", type=int, default=180, help="random seed for training and sampling (default: %(default)s)")
+    return parser
+
+
+def parse(parser, argv=None):
+    """The flags, checked; with --resume, the training flags of its checkpoint (one typed otherwise is
+    refused). Then the device, its precision and the seed, decided once. Returns args and the device."""
+    args = parser.parse_args(argv)
+    if not 0 <= args.p_uncond <= 1:
+        parser.error(f"--p-uncond must lie in [0, 1], got {args.p_uncond}")
+    try:
+        if args.resume:
+            ckpt = read_checkpoint(args.resume)
+            if "optimizer" not in ckpt:
+                raise ValueError(f"{args.resume} holds weights alone: resume from a run's ckpt.pt")
+            typed = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(TRAINING_FLAGS)))  # else None
+            for key in TRAINING_FLAGS:
+                old = ckpt["args"].get(key, parser.get_default(key))  # a flag newer than the checkpoint: off
+                if getattr(typed, key) not in (None, old):
+                    raise ValueError(f"{args.resume} was trained {as_typed(key, old)}, not "
+                                     f"{as_typed(key, getattr(typed, key))}: leave it out to resume")
+                setattr(args, key, old)
+        device = pick_device(args.device)
+        if args.amp and amp_problem(device):
+            raise ValueError(f"--amp: {amp_problem(device)}; run without --amp (fp32)")
+    except ValueError as e:
+        parser.error(str(e))
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN times its kernels once, keeps the fastest
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls, as cuDNN's convolutions already use
+    torch.manual_seed(args.seed)
+    return args, device
+
+
+def as_typed(key, value):
+    """A flag's value as one would type it: '--lr 0.01', 'with --gif', 'without --limit'."""
+    flag = "--" + key.replace("_", "-")
+    if value is True or value in (None, False):
+        return f"with {flag}" if value is True else f"without {flag}"
+    return f"with {flag} {value}"
+
+
+def prepare_out(args):
+    """Make args.out, checking that it is writable and holds no run but the one resumed."""
+    writable(args.out)
+    ckpt = os.path.join(args.out, "ckpt.pt")
+    if os.path.exists(ckpt) and not (args.resume and os.path.samefile(ckpt, args.resume)):
+        raise ValueError(f"{args.out} already holds a run: pass --resume {ckpt} to continue it, "
+                         "or choose another --out")
+
+
+def writable(out):
+    """Make the folder out, or a ValueError that says it cannot be written to."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        open(os.path.join(out, ".write_test"), "w").close()
+        os.remove(os.path.join(out, ".write_test"))
+    except OSError as e:
+        raise ValueError(f"cannot write to --out {out} ({e.strerror}): choose another folder") from e
+
+
+def run(args, device):
+    """One run of the assignment from its parsed flags: the UNet, Adam and its schedule, MNIST, train()."""
+    # the assignment's step counts: a guided field, pushed gamma = 5 times past the conditional one,
+    # bends its paths more, and Euler follows them in smaller steps
+    args.steps = args.steps or (300 if args.cond == "class" else 50)
+    args.out = args.out or (os.path.dirname(args.resume) if args.resume else f"runs/flow_{args.cond}")
+    prepare_out(args)
+    model = to_device(UNet(args.hidden, 10 if args.cond == "class" else 0), device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    train(args, model, optimizer, load_mnist(args.data, device, args.limit))
+
+
+def assignment(argv=None):
+    """The assignment's program, what flow.py cut at the banner below runs: python flow.py --epochs 10."""
+    args, device = parse(assignment_parser(), argv)
+    try:
+        run(args, device)
+    except ValueError as e:
+        sys.exit(f"flow.py: error: {e}")
+
+
 # ============================== beyond the assignment ==============================
 # Part two: each section builds on part one's functions. main() at the end wires both.
 
@@ -386,8 +566,6 @@ def read_checkpoint(path, device="cpu"):
 # The assignment's UNet sees t raw, in two places. --sinusoidal-t feeds its FCBlocks sin and cos of t at 16
 # frequencies; --time-every-block scales and shifts the channels of every encoder and decoder block by amounts
 # made from t; --logit-normal-t trains more often near t = 1/2, where the velocity is hardest to guess.
-TRAINING_FLAGS += ["sinusoidal_t", "time_every_block", "logit_normal_t"]
-
 
 def time_features(t, n=16):
     """sin and cos of t at n frequencies from 1 to 1000 radians per unit of t: B x 1 -> B x 2n."""
@@ -434,41 +612,40 @@ class TimeUNet(UNet):
         return self.conv_out(torch.cat([e0, up2], 1))
 
 
-def logit_normal_loss(model, x1, labels=None, p_uncond=0.1):
-    """flow_matching_loss at t = sigmoid(N(0, 1)): more often near 1/2 than near 0 or 1."""
-    x0, t = torch.randn_like(x1), torch.randn(x1.shape[0], 1, device=x1.device).sigmoid()
+def logit_normal_loss(model, x1, labels=None, p_uncond=0.1, x0=None):
+    """flow_matching_loss at t = sigmoid(N(0, 1)): more often near 1/2 than near 0 or 1. x0 as there."""
+    x0 = torch.randn_like(x1) if x0 is None else x0
+    t = torch.randn(x1.shape[0], 1, device=x1.device).sigmoid()
     return flow_matching_loss(model, x1, labels, p_uncond, x0, t)
 
 
 # --- EMA: sample from an exponential moving average of the weights (opt-in) ---
-TRAINING_FLAGS += ["ema"]
-
 
 @torch.no_grad()
 def update_ema(ema, model, decay, step):
     """ema <- d * ema + (1 - d) * model for the weights, d = min(decay, (1 + step) / (10 + step)): early
     steps forget faster, so the random initial weights do not linger. BatchNorm statistics: below."""
     decay = min(decay, (1 + step) / (10 + step))
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p, 1 - decay)
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)  # one call for all
 
 
 @torch.no_grad()
 def measure_batchnorm(ema, loss_fn, data, args, batches=20, batch_size=256):
     """The EMA's BatchNorm statistics, measured afresh on `batches` training inputs: the raw model's
-    fit the raw weights, not their average, and copied they cost the EMA's samples much of their gain."""
+    fit the raw weights, not their average."""
     norms = [m for m in ema.modules() if isinstance(m, nn.BatchNorm2d)]
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # a plain average over the batches
     ema.train()  # BatchNorm normalises by, and records, each batch's own statistics
-    with torch.random.fork_rng():  # training draws the same random numbers as without an EMA
-        for _ in range(batches):
-            idx = torch.randint(len(data[0]), (min(batch_size, len(data[0])),), device=data[0].device)
-            images, labels, *more = (d[idx] for d in data)
-            with torch.autocast(images.device.type, torch.bfloat16, enabled=args.amp):
-                loss_fn(ema, images.unsqueeze(1).float() / 255, labels if ema.num_classes else None,
-                        args.p_uncond, *more)
+    device, streams = data[0].device, random_streams(data[0].device)
+    for _ in range(batches):
+        idx = torch.randint(len(data[0]), (min(batch_size, len(data[0])),), device=device)
+        images, labels, *more = (d[idx] for d in data)
+        with autocast(device, args.amp):
+            loss_fn(ema, images.unsqueeze(1).float() / 255, labels if ema.num_classes else None,
+                    args.p_uncond, *more)
+    restore_random_streams(streams, device)  # training draws the same random numbers as without an EMA
     for m in norms:
         m.momentum = 0.1
     ema.eval()
@@ -506,7 +683,6 @@ def keep_ema(optimizer, model, data, loss_fn, args):
 # this file x1 is always the digit (x0 is flow matching's noise, which DDPM calls eps):
 # x_t = sqrt(a_t) x1 + sqrt(1 - a_t) eps. Both mix noise and data affinely; DDPM's mix is not straight, and
 # its UNet predicts the noise eps, not a velocity (sample()'s u is then eps_theta, guided by the same mix).
-TRAINING_FLAGS += ["method"]
 NOISE_LEVELS = 300  # DDPM's t = 1..NOISE_LEVELS; the UNet sees t / NOISE_LEVELS
 
 
@@ -540,7 +716,7 @@ def ddpm_step(eps_theta, x, i, steps, ddim=False):
     if ddim:
         return a[s].sqrt() * x1_hat + (1 - a[s]).sqrt() * eps
     beta = 1 - a[t] / a[s]  # beta_t itself when s = t - 1, as with the default 300 steps
-    z = torch.randn(x.shape, device=x.device) if s > 0 else 0  # from sample()'s seeded random stream
+    z = torch.randn(x.shape).to(x.device) if s > 0 else 0  # from sample()'s seeded CPU stream
     return (a[s].sqrt() * beta * x1_hat + (1 - beta).sqrt() * (1 - a[s]) * x) / (1 - a[t]) + beta.sqrt() * z
 
 
@@ -585,10 +761,10 @@ def load_checkpoint(path, device="cpu"):
     ckpt = read_checkpoint(path, device)
     model = build_unet(ckpt["args"])
     try:
-        model.load_state_dict(ckpt.get("optimizer", {}).get("ema") or ckpt.get("ema") or ckpt["model"])
+        model.load_state_dict(ckpt.get("optimizer", {}).get("ema") or ckpt["model"])
     except RuntimeError as e:
         raise ValueError(f"the weights in {path} do not fit the UNet its flags describe") from e
-    return model.to(device, memory_format=torch.channels_last).eval()  # faster convolutions, as in training
+    return to_device(model, device).eval()
 
 
 # --- autoguidance: guided away from a weaker model, not from the unconditional one ---
@@ -620,7 +796,6 @@ def guided(model, guide, guidance):
 # function of x0, so these lines hardly cross, the student's paths are nearly straight, and
 # x1 ~ x0 + u_theta(x0, 0, c), one network call a digit. The student learns the teacher's guided flow: it
 # samples at gamma 1, with no unconditional half.
-TRAINING_FLAGS += ["reflow", "pairs"]
 TEACHER = {"solver": "midpoint", "steps": 5, "guidance": 2.0}  # 10 calls: second order, so near 50 calls
 
 
@@ -630,7 +805,8 @@ def make_pairs(teacher, args, chunk=1000, batch=100):
     stopped. x1 is kept as pixels (uint8) like MNIST's images, so that train_epoch reads both alike."""
     folder, device = os.path.join(args.out, "pairs"), next(teacher.parameters()).device
     os.makedirs(folder, exist_ok=True)
-    settings, chunks, t0, made = {"teacher": args.reflow, "seed": args.seed, **TEACHER}, [], time.time(), 0
+    settings, chunks, made = {"teacher": args.reflow, "seed": args.seed, **TEACHER}, [], 0
+    started = time.time()
     for k in range(math.ceil(args.pairs / chunk)):
         path, first, pairs = os.path.join(folder, f"pairs_{k:03d}.pt"), k * chunk, None
         size = min(chunk, args.pairs - first)
@@ -645,14 +821,14 @@ def make_pairs(teacher, args, chunk=1000, batch=100):
             for j in range(first, first + size, batch):  # seeds apart from the ones --evaluate uses
                 n, trajectory, seed = min(batch, first + size - j), [], args.seed + 10 ** 6 + j // batch
                 labels.append(torch.arange(j, j + n, device=device) % 10)
-                with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
+                with autocast(device, args.amp):
                     digits = sample(teacher, n, labels[-1], TEACHER["steps"], TEACHER["guidance"], seed,
                                     SOLVERS["flow"][TEACHER["solver"]], trajectory)
                 x0.append(trajectory[0].to(device))
                 x1.append(digits.clamp(0, 1).mul(255).round().byte().squeeze(1))
                 made += n
-                eta = (time.time() - t0) / made * (args.pairs - j - n)
-                print(f"pairs {j + n:6d}/{args.pairs} | {made / (time.time() - t0):5.1f} pairs/s | "
+                eta = (time.time() - started) / made * (args.pairs - j - n)
+                print(f"pairs {j + n:6d}/{args.pairs} | {made / (time.time() - started):5.1f} pairs/s | "
                       f"eta {eta / 60:5.1f} min", flush=True)
             pairs = {**settings, "x0": torch.cat(x0), "x1": torch.cat(x1), "labels": torch.cat(labels)}
             save_checkpoint(path, pairs)
@@ -703,7 +879,7 @@ def guesses(trajectory):
     """x1_hat at t = 0, 1/T, ..., (T - 1)/T along a trajectory of T Euler steps, whose velocity is read off
     each step, u = (x_{i+1} - x_i) T: T x N x 1 x 28 x 28."""
     x, steps = torch.stack(trajectory), len(trajectory) - 1
-    t = torch.arange(steps)[:, None, None, None, None] / steps
+    t = torch.arange(steps, device=x.device)[:, None, None, None, None] / steps
     return x[:-1] + (1 - t) * (x[1:] - x[:-1]) * steps
 
 
@@ -711,7 +887,7 @@ def predictions_figure(model, args, times=8):
     """Ten Euler samples (class: digits 0 to 9), a row each: x_t beside x1_hat at `times` times from t = 0,
     then the sample. Also, for each time shown, the mean square from x1_hat then to the sample."""
     labels, trajectory = torch.arange(10) if model.num_classes else None, []
-    with torch.autocast(next(model.parameters()).device.type, torch.bfloat16, enabled=args.amp):
+    with autocast(next(model.parameters()).device, args.amp):
         sample(model, 10, labels, args.steps, args.guidance, args.seed, euler_step, trajectory)
     x1_hat, x1 = guesses(trajectory), trajectory[-1]
     picks = [round(k * args.steps / times) for k in range(times)]  # the steps shown
@@ -734,8 +910,7 @@ def guesses_from_noise(model, args, device, n=1000):
     x = images.unsqueeze(1).float() / 255
     m, m_c = x.mean(0), torch.stack([x[digits == k].mean(0) for k in range(10)])  # 1 x 28 x 28, 10 x ...
     labels = torch.arange(n, device=device) % 10
-    generator = torch.Generator(device).manual_seed(args.seed)
-    x0 = torch.randn(n, 1, 28, 28, device=device, generator=generator)
+    x0 = torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(args.seed)).to(device)
     print(f"the guess at t = 0 of {n} noises, mean squares\n| guess | against | per draw | average draw |\n|"
           + " --- |" * 2 + " ---: |" * 2)
 
@@ -750,13 +925,13 @@ def guesses_from_noise(model, args, device, n=1000):
     if model.num_classes:
         c, gamma = F.one_hot(labels, 10).float(), args.guidance
         row(f"c = digit, gamma {gamma:g}", "m_c" if gamma == 1 else "m + gamma (m_c - m)",
-            x0 + velocity(model, x0, 0.0, c, gamma), m + gamma * (m_c[labels] - m))
-        row("c = 0", "m", x0 + velocity(model, x0, 0.0, 0 * c), m.expand_as(x0))
+            x0 + predict(model, x0, 0.0, c, gamma), m + gamma * (m_c[labels] - m))
+        row("c = 0", "m", x0 + predict(model, x0, 0.0, 0 * c), m.expand_as(x0))
         j, k = torch.tensor([(j, k) for j in range(10) for k in range(10) if j != k], device=device).T
         row("scale: a training digit", "m_c", x, m_c[digits], draws=False)
         row("scale: another digit's mean", "m_c", m_c[j], m_c[k], draws=False)
     else:
-        row("time-only", "m", x0 + velocity(model, x0, 0.0), m.expand_as(x0))
+        row("time-only", "m", x0 + predict(model, x0, 0.0), m.expand_as(x0))
         row("scale: a training digit", "m", x, m.expand_as(x), draws=False)
         row("scale: a digit's mean", "m", m_c, m.expand_as(m_c), draws=False)
 
@@ -785,21 +960,27 @@ def make_classifier():
                          nn.Flatten(), nn.Linear(64 * 7 * 7, 128), nn.ReLU(), nn.Linear(128, 10))
 
 
+CLASSIFIER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "samples", "mnist_classifier.pt")
+
+
 def load_classifier(root, device, epochs=3, batch_size=128):
-    """The classifier cached in root, trained there on first use (seed 0, Adam 1e-3 decayed to 0)."""
-    path = os.path.join(root, "mnist_classifier.pt")
+    """The classifier shipped in samples/, so that every machine scores alike; without it (this file
+    copied out alone), the one cached in root, trained there at first use (seed 0, Adam 1e-3 decayed to 0)."""
     torch.manual_seed(0)
-    classifier = make_classifier().to(device)
-    if os.path.exists(path):
-        classifier.load_state_dict(torch.load(path, map_location=device, weights_only=True))
-        return classifier.eval()
+    classifier, cached = make_classifier().to(device), os.path.join(root, "mnist_classifier.pt")
+    for path in (CLASSIFIER, cached):
+        saved = torch.load(path, map_location=device, weights_only=True) if os.path.exists(path) else {}
+        if "accuracy" in saved:  # weights in fp16, and its accuracy on the test split
+            classifier.load_state_dict(saved["model"])
+            print(f"classifier {path}: test accuracy {saved['accuracy']:.4f}", file=sys.stderr)
+            return classifier.eval()
     (x_all, y_all), (x_test, y_test) = load_mnist(root, device), load_mnist(root, device, train=False)
-    t0, steps = time.time(), len(x_all) // batch_size
+    started, batches = time.time(), len(x_all) // batch_size
     optimizer = torch.optim.Adam(classifier.train().parameters(), lr=1e-3)
-    scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, 0.0, epochs * steps)  # linearly down to 0
+    scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, 0.0, epochs * batches)  # linearly down to 0
     for epoch in range(epochs):
         perm = torch.randperm(len(x_all), device=device)
-        for step in range(steps):
+        for step in range(batches):
             idx = perm[step * batch_size:(step + 1) * batch_size]
             loss = F.cross_entropy(classifier(x_all[idx].unsqueeze(1) / 255), y_all[idx])
             optimizer.zero_grad(set_to_none=True)
@@ -807,18 +988,19 @@ def load_classifier(root, device, epochs=3, batch_size=128):
             optimizer.step()
             scheduler.step()
             if (step + 1) % 100 == 0:
-                print(f"\rtraining the classifier once, for {path}: epoch {epoch + 1}/{epochs}, "
-                      f"step {step + 1}/{steps}, {time.time() - t0:.0f}s", end="", file=sys.stderr)
-    accuracy = score(classifier.eval(), x_test.unsqueeze(1) / 255, y_test)[0]
+                print(f"\r{CLASSIFIER} is missing: training a classifier for {cached}, epoch "
+                      f"{epoch + 1}/{epochs}, step {step + 1}/{batches}, {time.time() - started:.0f}s",
+                      end="", file=sys.stderr)
+    accuracy = classify(classifier.eval(), x_test.unsqueeze(1) / 255, y_test)[0]
     print(f"; test accuracy {accuracy:.4f}", file=sys.stderr)  # stdout keeps the table alone
     if accuracy < 0.99:
         raise ValueError(f"the classifier reached only {accuracy:.4f} test accuracy, too little to judge by")
-    torch.save(classifier.state_dict(), path)
-    return classifier.eval()
+    torch.save({"model": classifier.half().state_dict(), "accuracy": accuracy}, cached)  # as the shipped one
+    return classifier.float().eval()  # rounded to fp16, as it will be read back
 
 
 @torch.inference_mode()
-def score(classifier, x, labels=None, batch_size=1000):
+def classify(classifier, x, labels=None, batch_size=1000):
     """The classifier's verdict on digits x (N x 1 x 28 x 28 in [0, 1]): with labels, the fraction
     recognised as the digit asked for; without, the entropy of the predicted digits (ln 10 = 2.303
     when all ten come equally often). Also the mean confidence and the 128 features for the FD."""
@@ -833,13 +1015,13 @@ def score(classifier, x, labels=None, batch_size=1000):
 
 
 def frechet_distance(a, b):
-    """Frechet distance of Gaussians fitted to feature sets a and b (N x d), in float64:
+    """Frechet distance of Gaussians fitted to feature sets a and b (N x d), in float64 on the CPU:
     |mu_a - mu_b|^2 + tr(S_a) + tr(S_b) - 2 tr((S_a^1/2 S_b S_a^1/2)^1/2)."""
     def sqrtm(m):  # of a symmetric positive semi-definite matrix, by its eigendecomposition
         w, v = torch.linalg.eigh(m)
         return v @ torch.diag(w.clamp(min=0).sqrt()) @ v.T
 
-    a, b = a.double(), b.double()
+    a, b = a.cpu().double(), b.cpu().double()  # MPS has no float64
     s_a, s_b = torch.cov(a.T), torch.cov(b.T)
     root = sqrtm(s_a)
     return ((a.mean(0) - b.mean(0)).square().sum() + s_a.trace() + s_b.trace()
@@ -850,8 +1032,8 @@ def references(args, device, n):
     """The classifier, its features of the 10,000 test digits, and the floor: the FD of n train digits."""
     classifier = load_classifier(args.data, device)
     digits = lambda limit, train: load_mnist(args.data, device, limit, train)[0].unsqueeze(1) / 255
-    real = score(classifier, digits(None, False))[2]
-    return classifier, real, frechet_distance(score(classifier, digits(n, True))[2], real)
+    real = classify(classifier, digits(None, False))[2]
+    return classifier, real, frechet_distance(classify(classifier, digits(n, True))[2], real)
 
 
 def evaluate(model, args, device, sweep, guide=None, chunk=100):
@@ -867,23 +1049,23 @@ def evaluate(model, args, device, sweep, guide=None, chunk=100):
     guidances = sweep["guidance"] if model.num_classes or guide else ["-"]
     for solver, steps, guidance in itertools.product(sweep["solver"], sweep["steps"], guidances):
         net, gamma = guided(model, guide, guidance if guidance != "-" else 1.0)
-        t0, xs, bends = time.time(), [], []
+        started, xs, bends = time.time(), [], []
         for i in range(0, n, chunk):  # in chunks: CPUs run them faster
             trajectory = [] if solver == "euler" else None
-            with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
+            with autocast(device, args.amp):
                 xs.append(sample(net, min(chunk, n - i), None if labels is None else labels[i:i + chunk],
                                  steps, gamma, args.seed + i, solver_step(model, solver), trajectory))
             if trajectory is not None:
                 bends.append(straightness(trajectory) * len(xs[-1]) / n)
             done = i + len(xs[-1])  # progress on stderr, the table on stdout
-            eta = (time.time() - t0) / done * (n - done)
+            eta = (time.time() - started) / done * (n - done)
             print(f"{solver}, {steps} steps: {done}/{n} samples, eta {eta:.0f}s", end="\r", file=sys.stderr)
-        value, confidence, features = score(classifier, torch.cat(xs).clamp(0, 1), labels)
+        value, confidence, features = classify(classifier, torch.cat(xs).clamp(0, 1), labels)
         nfe = steps * (2 if solver == "midpoint" else 1) * (2 if guide else 1)
         bent = f"{sum(bends):.4f}" if bends else "-"
         print(f"| {solver} | {steps} | {nfe} | {guidance} | {value:.4f} | {confidence:.4f} | "
-              f"{frechet_distance(features, real):.2f} | {floor:.2f} | {bent} | {time.time() - t0:.0f} |",
-              flush=True)
+              f"{frechet_distance(features, real):.2f} | {floor:.2f} | {bent} | "
+              f"{time.time() - started:.0f} |", flush=True)
 
 
 # --- scoring anyone's samples: a learner's own implementation on the same yardstick ---
@@ -934,7 +1116,7 @@ def score_file(args, device):
         warn(f"the labels are unbalanced ({counts.tolist()}); --evaluate draws N/10 of each digit")
     classifier, real, floor = references(args, device, n)
     labels = None if labels is None else labels.to(device)
-    value, confidence, features = score(classifier, x.to(device), labels)
+    value, confidence, features = classify(classifier, x.to(device), labels)
     measure = "entropy" if labels is None else "accuracy"
     print(f"{n} digits from {args.score}; FD to the 10,000 test digits; floor: FD of {n} train digits\n"
           f"| {measure} | confidence | FD | floor |\n|" + " ---: |" * 4)
@@ -946,8 +1128,6 @@ def score_file(args, device):
 # backward from t = 1 to 0. Along the way the density changes as the field spreads or gathers points:
 # d log p_t(x_t) / dt = -div u(x_t, t), the divergence being the trace of du/dx. So log p1(x1) =
 # log N(x0; 0, I) - integral_0^1 div u(x_t, t) dt (Chen et al. 2018; FFJORD, Grathwohl et al. 2019).
-TRAINING_FLAGS += ["dequantize"]
-
 
 def dequantized(loss_fn):
     """loss_fn on digits (pixel + jitter) / 256, jitter ~ U[0, 1) drawn afresh for every pixel of every
@@ -964,7 +1144,7 @@ def divergence(model, x, t, c=None, probe=None):
     = I), or, without a probe, the exact trace, one product per pixel (784)."""
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
-        u = velocity(model, x, t, c)
+        u = predict(model, x, t, c)
         probes = [probe]
         if probe is None:  # one-hot images: each pixel in turn, in every image at once
             probes = [e.view(x[0].shape).expand_as(x) for e in torch.eye(x[0].numel(), device=x.device)]
@@ -987,7 +1167,7 @@ def log_likelihood(model, x1, steps, solver="midpoint", c=None, probe=None, powe
         h = t - s  # a step back in time
         if solver == "midpoint":  # the slope and the divergence at the step's middle
             with torch.no_grad():
-                half = x - h / 2 * velocity(model, x, t, c)
+                half = x - h / 2 * predict(model, x, t, c)
             u, div = divergence(model, half, t - h / 2, c, probe)
         else:
             u, div = divergence(model, x, t, c, probe)
@@ -1031,20 +1211,21 @@ def likelihood(model, args, device, chunk=100):
           "x0's standard deviation is 1 for a perfect model\n| density | bits/dim | standard error | "
           "-log2 N(x0) / 784 | integral of div / (784 ln 2) | std of x0 | s |\n|" + " ---: |" * 7)
     for name, c in densities.items():
-        t0, terms = time.time(), []
+        started, terms = time.time(), []
         for i in range(0, n, chunk):
             part = slice(i, i + chunk)
             base, integral, x0 = log_likelihood(model, x1[part], args.steps, args.solver,
                                                 None if c is None else c[part], probes[part])
             terms.append(torch.stack([base, integral, x0.flatten(1).std(1)], 1).cpu())
             done = i + len(base)
-            eta = (time.time() - t0) / done * (n - done)
+            eta = (time.time() - started) / done * (n - done)
             print(f"{name}: {done}/{n} digits, eta {eta:.0f}s", end="\r", file=sys.stderr)
         base, integral, spread = torch.cat(terms).T
         bits, scale = bits_per_dim(base - integral), 784 * math.log(2)
         error = f"{bits.std().item() / math.sqrt(n):.4f}" if n > 1 else "-"
         print(f"| {name} | {bits.mean():.4f} | {error} | {-base.mean() / scale:.4f} | "
-              f"{integral.mean() / scale:.4f} | {spread.mean():.3f} | {time.time() - t0:.0f} |", flush=True)
+              f"{integral.mean() / scale:.4f} | {spread.mean():.3f} | {time.time() - started:.0f} |",
+              flush=True)
 
 
 # --- sweeps and sampling from a checkpoint -----------------------------------
@@ -1056,7 +1237,7 @@ def sweep_figure(model, args, sweep, guide=None):
     labels, rows = torch.arange(10) if model.num_classes else None, []
     for solver, steps, guidance in itertools.product(*sweep.values()):
         net, gamma = guided(model, guide, guidance)
-        with torch.autocast(next(model.parameters()).device.type, torch.bfloat16, enabled=args.amp):
+        with autocast(next(model.parameters()).device, args.amp):
             x = sample(net, 10, labels, steps, gamma, args.seed, solver_step(model, solver))
         name = f"{solver}, steps {steps}" + (f", gamma {guidance}" if labels is not None or guide else "")
         rows.append((grid_image(x), name))
@@ -1077,6 +1258,8 @@ def from_checkpoint(args, device, sweep):
     if guide and (guide.method, guide.num_classes) != (model.method, model.num_classes):
         raise ValueError(f"--autoguide needs a {model.method} {args.cond} model, as --ckpt is: "
                          f"{args.autoguide} is not one")
+    if sweep["guidance"] and not (model.num_classes or guide):
+        raise ValueError(f"{args.ckpt} is time-only, with no class to guide by: --guidance needs --autoguide")
     sampling_defaults(args, sweep)
     if args.compile:
         model.compile()
@@ -1084,8 +1267,8 @@ def from_checkpoint(args, device, sweep):
         return evaluate(model, args, device, sweep, guide)
     if args.likelihood:
         return likelihood(model, args, device)
-    out, t_sample, trajectory = args.out or default_out(args), time.time(), [] if args.gif else None
-    prepare_out(out, resume=True)
+    out, started, trajectory = args.out or default_out(args), time.time(), [] if args.gif else None
+    writable(out)
     if args.predictions:
         return inside_the_flow(model, args, device, out)
     swept = [name for name, values in sweep.items() if len(values) > 1]
@@ -1098,7 +1281,7 @@ def from_checkpoint(args, device, sweep):
         sample_grid(net, args, trajectory, solver_step(model, args.solver)).save(path)
     if trajectory:
         save_gif(os.path.join(out, "sampling.gif"), trajectory)
-    print(f"wrote {path} in {time.time() - t_sample:.1f}s")
+    print(f"wrote {path} in {time.time() - started:.1f}s")
 
 
 # --- speed: a benchmark of the real code path, and torch.compile -------------
@@ -1108,29 +1291,38 @@ def benchmark(model, data, args, loss_fn, step_fn, steps=30):
     """Training images/s over `steps` steps and the seconds one sample grid takes, through the
     same functions a real run uses."""
     args.log_every, args.epochs, n = 10 ** 9, 1, min(len(data[0]), steps * args.batch_size)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=data[0].is_cuda)
+    optimizer, device = torch.optim.Adam(model.parameters(), lr=args.lr), data[0].device
 
     def seconds(work):  # the second of two runs: the first pays for warm-up and kernel autotuning
         for _ in range(2):
-            t0 = time.time()
+            started = time.time()
             work()
-            if data[0].is_cuda:
-                torch.cuda.synchronize()
-        return time.time() - t0
+            if device.type != "cpu":
+                getattr(torch, device.type).synchronize()  # wait for the GPU's queue to empty
+        return time.time() - started
 
     train_speed = n // args.batch_size * args.batch_size / seconds(
         lambda: train_epoch(model, optimizer, [d[:n] for d in data], 1, args, loss_fn))
     grid_seconds = seconds(lambda: sample_grid(model, args, step_fn=step_fn))
-    name = torch.cuda.get_device_name() if data[0].is_cuda else f"cpu, {torch.get_num_threads()} threads"
+    name = torch.cuda.get_device_name() if device.type == "cuda" else device.type
+    name += f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
     print(f"benchmark on {name}: training {train_speed:.0f} images/s (batch {args.batch_size}); "
           f"{grid_seconds:.2f} s per 40-digit grid ({args.solver}, {args.steps} steps)")
 
 
-# --- main --------------------------------------------------------------------
+
+# --- main: part one's flags and part two's; a run that sets only part one's is part one's run() ---
+
+# the flags of part two that shape training: a resumed run takes them from its checkpoint too
+TRAINING_FLAGS += ["sinusoidal_t", "time_every_block", "logit_normal_t", "ema", "dequantize", "method",
+                   "reflow", "pairs"]
 
 
-def training(args, device):
-    """Part one's train() on MNIST, or with --reflow on the teacher's pairs, with what the flags add."""
+def train_beyond(args, device):
+    """Part one's train() with what part two's flags add: on MNIST, or with --reflow on a teacher's pairs."""
+    args.out = args.out or default_out(args)
+    if not args.benchmark:
+        prepare_out(args)
     if args.reflow:
         teacher = load_checkpoint(args.reflow, device)
         if (teacher.method, teacher.num_classes) != ("flow", 10):
@@ -1140,10 +1332,8 @@ def training(args, device):
             setattr(args, key, teacher.settings.get(key, False))
         model, data = copy.deepcopy(teacher).train(), make_pairs(teacher, args)
     else:
-        model = build_unet(vars(args)).to(device, memory_format=torch.channels_last)  # faster convolutions
+        model = to_device(build_unet(vars(args)), device)
         data = load_mnist(args.data, device, args.limit)
-    if len(data[0]) < args.batch_size:
-        raise ValueError(f"--limit {len(data[0])} is less than --batch-size {args.batch_size}: raise --limit")
     loss_fn = logit_normal_loss if args.logit_normal_t else flow_matching_loss
     loss_fn = ddpm_loss if args.method == "ddpm" else loss_fn
     loss_fn = dequantized(loss_fn) if args.dequantize else loss_fn
@@ -1152,57 +1342,22 @@ def training(args, device):
         model.compile()  # fuses BatchNorm, GELU and the rest; the first steps are slow while it compiles
     if args.benchmark:
         return benchmark(model, data, args, loss_fn, step_fn)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=device.type == "cuda")
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     ema = keep_ema(optimizer, model, data, loss_fn, args) if args.ema else None  # sampled instead of model
     train(args, model, optimizer, data, loss_fn, step_fn, ema)
 
 
 def default_out(args):
-    """Runs go to runs/ (ignored by git); samples/ holds only the results the README shows."""
+    """A resumed run's own folder, or runs/<method>_<cond>[_reflow] (runs/ is ignored by git; samples/
+    holds only the results the README shows)."""
+    if args.resume:
+        return os.path.dirname(args.resume)
     return os.path.join("runs", f"{args.method}_{args.cond}" + ("_reflow" if args.reflow else ""))
 
 
-def prepare_out(out, resume):
-    """Make the output folder, checking it is writable and holds no run that would be overwritten."""
-    try:
-        os.makedirs(out, exist_ok=True)
-        open(os.path.join(out, ".write_test"), "w").close()
-        os.remove(os.path.join(out, ".write_test"))
-    except OSError as e:
-        raise ValueError(f"cannot write to --out {out} ({e.strerror}): choose another folder") from e
-    if not resume and os.path.exists(os.path.join(out, "ckpt.pt")):
-        raise ValueError(f"{out} already holds a run: pass --resume {os.path.join(out, 'ckpt.pt')} "
-                         "to continue it, or choose another --out")
-
-
-def positive(kind):
-    """An argparse type: a number of `kind` (int or float) above 0."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = 0
-        if not value > 0:
-            what = "a whole number of at least 1" if kind is int else "a positive number"
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-        return value
-    return parse
-
-
-def number_list(kind):
-    """An argparse type: '1,5,10' -> [1, 5, 10], each value made and checked by kind."""
-    def parse(text):
-        try:
-            return [kind(v) for v in text.split(",")]
-        except (ValueError, argparse.ArgumentTypeError):
-            raise argparse.ArgumentTypeError(f"expected comma-separated values, got {text!r}") from None
-    return parse
-
-
 def sampling_defaults(args, sweep):
-    """Fill in the sweep's lists not given (the method's first solver, midpoint for --likelihood; 300 steps,
-    50 for a time-only flow, 1 for a reflowed one, 40 for --predictions, 120 for --likelihood; guidance 5,
-    1 for a reflowed one, --predictions and --likelihood), and set args to their first values."""
+    """Fill in the sweep's lists not given with the defaults --help states, and set args to their first
+    values."""
     solver = "midpoint" if args.likelihood else list(SOLVERS[args.method])[0]
     time_flow = (args.method, args.cond) == ("flow", "time")
     steps = 1 if args.reflow else 50 if time_flow else 300
@@ -1215,35 +1370,12 @@ def sampling_defaults(args, sweep):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="--sample-only and --evaluate sweep comma-separated --solver, --steps and --guidance.")
-    add = parser.add_argument_group("the assignment").add_argument
-    add("--cond", choices=["time", "class"], default="class", help="time, or time and digit (default: class)")
-    add("--hidden", type=positive(int), default=64, metavar="D", help="UNet width D (default: %(default)s)")
-    add("--p-uncond", type=float, default=0.1, metavar="P", help="class dropout, Alg. B.3 (default: 0.1)")
-    add("--epochs", type=positive(int), default=10, metavar="N", help="epochs (default: 10; ddpm 20)")
-    add("--batch-size", type=positive(int), default=64, metavar="N", help="batch (default: 64; ddpm 128)")
-    add("--lr", type=positive(float), default=0.01,
-        help="Adam's, falls to 1/10 (default: 0.01; ddpm, reflow 0.001)")
-    add("--limit", type=positive(int), metavar="N", help="train on the first N images (default: all 60,000)")
-    add("--steps", type=number_list(positive(int)), metavar="N",
-        help="sampling steps (default: 50; class, ddpm 300; reflow 1; --predictions 40, --likelihood 120)")
-    add("--guidance", type=number_list(float), metavar="G",
-        help="Alg. B.4 gamma (default: 5; reflow, --predictions, --likelihood 1)")
-    add("--sample-epochs", type=number_list(positive(int)), default="1,5,10", metavar="LIST",
-        help="epochs with a sample grid, and the last (default: 1,5,10; ddpm 1,5,10,20)")
-    add("--gif", action="store_true", help="also write sampling.gif, the last grid's sampling (default: off)")
-    add = parser.add_argument_group("input, output, system").add_argument
-    add("--data", default="data", help="MNIST root, downloaded if missing (default: %(default)s)")
-    add("--out", help="output folder (default: runs/<method>_<cond>)")
-    add("--resume", metavar="CKPT", help="continue training from this checkpoint (default: start afresh)")
-    add("--amp", action="store_true", help="bfloat16 autocast for training and sampling (default: off, fp32)")
-    add("--log-every", type=positive(int), default=100, metavar="N", help="steps a log line (default: 100)")
-    add("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto",
-        help="auto: cuda, then mps, then cpu (default: auto)")
-    add("--seed", type=int, default=180, help="random seed for training and sampling (default: %(default)s)")
-    add = parser.add_argument_group("beyond the assignment").add_argument
+    parser = assignment_parser()  # part one's flags, then part two's groups
+    parser.epilog = "--sample-only and --evaluate sweep comma-separated --solver, --steps and --guidance."
+    parser.conflict_handler = "resolve"  # the sweeps' --steps and --guidance, lists, replace part one's
+    add = parser.add_argument_group("beyond the assignment: training", "--method ddpm trains 20 epochs of "
+                                    "batch 128 at --lr 0.001, grids after epochs 1, 5, 10, 20; --reflow "
+                                    "trains at --lr 0.001").add_argument
     add("--sinusoidal-t", action="store_true", help="feed sin and cos of t at 16 frequencies (default: off)")
     add("--time-every-block", action="store_true", help="t scales and shifts every block (default: off)")
     add("--logit-normal-t", action="store_true", help="train on t = sigmoid(N(0, 1)) (default: off)")
@@ -1251,34 +1383,37 @@ def main(argv=None):
     add("--dequantize", action="store_true", help="train on (pixel + U[0, 1)) / 256, for --likelihood "
         "(default: off)")
     add("--method", choices=["flow", "ddpm"], default="flow", help="flow matching or DDPM (default: flow)")
+    add("--reflow", metavar="CKPT", help="train on pairs drawn by this class flow model (default: off)")
+    add("--pairs", type=positive(int), default=60000, metavar="N", help="reflow pairs (default: %(default)s)")
+    add("--compile", action="store_true", help="torch.compile the UNet; slow to start (default: off)")
+    group = parser.add_argument_group("beyond the assignment: sampling, scoring, no training",
+                                      "DDPM samples with 300 steps, a reflowed model with 1 at gamma 1")
+    add = group.add_argument
+    add("--steps", type=number_list(positive(int)), metavar="N",
+        help="sampling steps (default: 50; class, ddpm 300; reflow 1; --predictions 40, --likelihood 120)")
+    add("--guidance", type=number_list(float), metavar="G",
+        help="Alg. B.4 gamma (default: 5; reflow, --predictions, --likelihood 1)")
     add("--solver", type=number_list(str), help="euler or midpoint; ddpm: ddpm or ddim (default: the first; "
         "--likelihood midpoint)")
     add("--autoguide", metavar="CKPT", help="guide away from this weaker model, by --guidance (default: off)")
-    add("--reflow", metavar="CKPT", help="train on pairs drawn by this class flow model (default: off)")
-    add("--pairs", type=positive(int), default=60000, metavar="N", help="reflow pairs (default: %(default)s)")
+    add("--ckpt", help="checkpoint (or model.pt) to sample or score (default: OUT/ckpt.pt)")
+    add = group.add_mutually_exclusive_group().add_argument  # one mode at a time
     add("--sample-only", action="store_true", help="no training: a grid from --ckpt (default: off)")
     add("--evaluate", type=positive(int), metavar="N", help="no training: score N samples (default: off)")
     add("--likelihood", type=positive(int), metavar="N",
         help="no training: bits/dim of N test digits under --ckpt's flow, in fp32 (default: off)")
-    add("--score", metavar="FILE", help="no training: score the digits any code saved to FILE (default: off)")
     add("--predictions", action="store_true",
         help="no training: path.png, and predictions.png of --ckpt: x_t beside x1_hat (default: off)")
-    add("--ckpt", help="checkpoint (or model.pt) to sample or score (default: OUT/ckpt.pt)")
-    add("--compile", action="store_true", help="torch.compile the UNet; slow to start (default: off)")
+    add("--score", metavar="FILE", help="no training: score the digits any code saved to FILE (default: off)")
     add("--benchmark", action="store_true", help="time 30 training steps and a grid, exit (default: off)")
-    args = parser.parse_args(argv)
-    if args.method == "ddpm":  # the DDPM version's defaults, for the flags not given
+    if parser.parse_args(argv).method == "ddpm":  # the DDPM version's defaults, for the flags not given
         parser.set_defaults(epochs=20, batch_size=128, lr=1e-3, sample_epochs="1,5,10,20")
-    if args.reflow:  # fine-tuning the teacher's weights
+    if parser.parse_args(argv).reflow:  # fine-tuning the teacher's weights
         parser.set_defaults(lr=1e-3)
-    args = parser.parse_args(argv)
-    if not 0 <= args.p_uncond <= 1:
-        parser.error(f"--p-uncond must lie in [0, 1], got {args.p_uncond}")
+    args, device = parse(parser, argv)
     if args.logit_normal_t and args.method == "ddpm":
         parser.error("--logit-normal-t is for flow matching: DDPM draws t from 1..300")
     no_training = args.sample_only or args.evaluate or args.predictions or args.likelihood
-    if sum(map(bool, (args.sample_only, args.evaluate, args.likelihood, args.predictions, args.score))) > 1:
-        parser.error("--sample-only, --evaluate, --likelihood, --predictions and --score: one at a time")
     solvers = [*SOLVERS["flow"], *SOLVERS["ddpm"]] if no_training else list(SOLVERS[args.method])
     if set(args.solver or []) - set(solvers):
         parser.error(f"--solver takes {' or '.join(solvers)}, got {','.join(args.solver)}")
@@ -1288,35 +1423,30 @@ def main(argv=None):
         parser.error("lists of --solver, --steps or --guidance are for --sample-only and --evaluate")
     if args.autoguide and not no_training:
         parser.error("--autoguide is for --sample-only and --evaluate")
-    if args.reflow and (no_training or args.method == "ddpm"):
-        parser.error("--reflow trains a flow model: not with --method ddpm, --sample-only or --evaluate")
-    if args.gif and (swept or args.evaluate or args.predictions or args.likelihood):
-        parser.error("--gif animates one grid: not with --evaluate, --likelihood, --predictions or lists")
+    if args.reflow and (no_training or args.method == "ddpm" or args.limit):
+        parser.error("--reflow trains a flow model on --pairs pairs: not with --method ddpm, --limit or a "
+                     "no-training mode")
+    if args.reflow and args.pairs < args.batch_size:
+        parser.error(f"--pairs {args.pairs} is less than --batch-size {args.batch_size}: raise --pairs")
+    if args.gif and (swept or args.evaluate or args.predictions or args.likelihood or args.score):
+        parser.error("--gif animates one grid: not with --evaluate, --likelihood, --predictions, --score "
+                     "or lists")
     if args.likelihood and (swept or args.autoguide or (args.guidance or [1]) != [1]):
         parser.error("--likelihood is the density of the unguided field: not with --autoguide, "
                      "a --guidance other than 1 or lists of settings")
     if args.predictions and (swept or args.autoguide):
         parser.error("--predictions draws one figure: not with --autoguide or lists of settings")
-
-    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
-    device = next(d for d in available if available[d]) if args.device == "auto" else args.device
-    if not available[device]:
-        parser.error(f"--device {device} is not available on this machine: use --device auto")
-    if device == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN times its kernels once, keeps the fastest
-        torch.set_float32_matmul_precision("high")  # TF32 matmuls, as cuDNN's convolutions already use
-    device = torch.device(device)
-    torch.manual_seed(args.seed)
+    part_one = vars(assignment_parser().parse_args([]))  # part one's flags, which part two leaves alone
+    plain = all(value == parser.get_default(key) for key, value in vars(args).items() if key not in part_one)
     try:
         if args.score:
             return score_file(args, device)
         if no_training:
             return from_checkpoint(args, device, sweep)
         sampling_defaults(args, sweep)
-        args.out = args.out or default_out(args)
-        if not args.benchmark:
-            prepare_out(args.out, args.resume)
-        training(args, device)
+        if plain:
+            return run(args, device)  # the assignment, as part one runs it alone
+        train_beyond(args, device)
     except ValueError as e:
         sys.exit(f"flow.py: error: {e}")
 

@@ -427,6 +427,54 @@ def test_bfloat16_autocast_stays_close_to_fp32():
     assert fast.dtype == torch.float32 and (fast - plain).abs().mean() < 0.02 * plain.abs().mean()
 
 
+def test_no_autocast_context_is_built_without_amp(mnist, tmp_path, monkeypatch):
+    def refuse(*a, **k):  # as torch.autocast("mps", enabled=False) does on torch 2.2 to 2.4
+        raise RuntimeError("unsupported autocast device_type")
+
+    monkeypatch.setattr(torch, "autocast", refuse)
+    run_flow(*tiny_flow_args(mnist, str(tmp_path / "run"), "--epochs", 1, "--ema", 0.9))  # trains, samples
+    assert os.path.exists(tmp_path / "run" / "samples_epoch01.png")
+    with pytest.raises(RuntimeError):
+        flow.autocast(torch.device("cpu"), True)
+
+
+def test_amp_runs_only_where_bfloat16_does(monkeypatch, capsys):
+    assert flow.amp_problem(torch.device("cpu")) is None
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    assert "Tesla T4 has no bfloat16 convolutions" in flow.amp_problem(torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert flow.amp_problem(torch.device("cuda")) is None
+    monkeypatch.setattr(torch, "__version__", torch.torch_version.TorchVersion("2.4.1"))
+    assert "needs torch 2.6 or newer" in flow.amp_problem(torch.device("mps"))
+    monkeypatch.setattr(flow, "pick_device", lambda name: torch.device("mps"))
+    for script, error in [(flow, flow_error), (denoise, denoise_error)]:
+        monkeypatch.setattr(script, "pick_device", lambda name: torch.device("mps"))
+        assert "run without --amp (fp32)" in error(capsys, "--amp", "--out", "unused")
+
+
+def test_models_are_channels_last_on_cuda_alone():
+    model = flow.to_device(flow.UNet(8), "cpu")  # on MPS, BatchNorm goes wrong in channels-last memory
+    assert model.down1[0][0].weight.is_contiguous()
+    assert not model.down1[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_training_reads_the_loss_back_on_log_steps_only(mnist, monkeypatch):
+    reads, tolist = [], torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: reads.append("item") or tolist(self))
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append("tolist") or tolist(self))
+    args = argparse.Namespace(batch_size=32, amp=False, p_uncond=0.1, log_every=100, epochs=1, sigma=0.5,
+                              pure_noise=False)
+    images, labels = flow.load_mnist(mnist, "cpu", 128)
+    model = flow.UNet(8, 10)
+    flow.train_epoch(model, torch.optim.SGD(model.parameters()), (images, labels), 1, args)  # SGD reads none
+    assert len(reads) <= 2  # the log line after the last of 4 steps, and the epoch's losses
+    reads.clear()
+    model = denoise.UNet(8)
+    denoise.train_epoch(model, torch.optim.SGD(model.parameters()), images, 1, args)
+    assert len(reads) <= 2
+
+
 def test_sampling_leaves_training_mode_and_global_rng_alone():
     model = flow.UNet(8).train()
     torch.manual_seed(5)
@@ -497,6 +545,40 @@ def test_tiny_run_writes_every_output(mnist, tmp_path):
     assert not model.training and model.num_classes == 10
 
 
+def test_part_one_cut_at_the_banner_runs_the_assignment_alone(mnist, tmp_path):
+    text = open(os.path.join(HERE, "flow.py")).read()
+    part_one = text[:text.index("# =" + "=" * 29 + " beyond the assignment")]
+    code = part_one[part_one.index('"""', 3):]  # below the file's docstring, which tells both parts
+    for name in ("ema", "ddpm", "reflow", "sinusoidal", "autoguid", "likelihood", "evaluate", "midpoint"):
+        assert name not in code.lower(), name  # part one names no extension
+    namespace = {"__name__": "part_one", "__file__": os.path.join(tmp_path, "part_one.py")}
+    exec(compile(part_one, "part_one.py", "exec"), namespace)
+    out = tmp_path / "run"
+    namespace["assignment"]([str(a) for a in tiny_flow_args(mnist, out, "--epochs", 2, "--steps", 2)])
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "loss.csv", "loss.png", "model.pt", "samples_epoch01.png",
+                                       "samples_epoch02.png"]
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["args"]["steps"] == 2 and ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-3)
+    assert flow.load_checkpoint(out / "model.pt").num_classes == 10  # part two reads what part one wrote
+    namespace["assignment"]([str(a) for a in ["--data", mnist, "--out", tmp_path / "time", "--cond", "time",
+                                              "--hidden", 8, "--limit", 64, "--epochs", 1, "--device", "cpu"]])
+    ckpt = torch.load(tmp_path / "time" / "ckpt.pt", weights_only=True)
+    assert (ckpt["args"]["steps"], ckpt["args"]["guidance"]) == (50, 5.0)  # the assignment's defaults
+
+
+def test_a_run_with_only_the_assignments_flags_is_part_ones(mnist, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(flow, "train_beyond", lambda args, device: calls.append("beyond"))
+    run = flow.run
+    monkeypatch.setattr(flow, "run", lambda args, device: calls.append("part one") or run(args, device))
+    run_flow(*tiny_flow_args(mnist, tmp_path / "plain", "--epochs", 1, "--cond", "class", "--amp"))
+    run_flow(*tiny_flow_args(mnist, tmp_path / "ema", "--epochs", 1, "--ema", 0.9))
+    assert calls == ["part one", "beyond"]
+    ckpt = torch.load(tmp_path / "plain" / "ckpt.pt", weights_only=True)
+    assert ckpt["args"]["method"] == "flow" and ckpt["args"]["ema"] == 0  # every flag, for part two to read
+    assert not any(group.get("fused") for group in ckpt["optimizer"]["param_groups"])  # resumes on any device
+
+
 def test_class_grid_puts_the_four_samples_of_digit_k_in_column_k():
     model = Spy()
     with torch.no_grad():  # u = -x + w[k] and one Euler step from t = 0: the sample is w[k] everywhere
@@ -551,6 +633,30 @@ def test_resume_reproduces_an_uninterrupted_run(mnist, tmp_path, monkeypatch, me
         assert a["optimizer"]["ema_updates"] == b["optimizer"]["ema_updates"] == 2 * 4
         for name, value in a["optimizer"]["ema"].items():
             assert torch.equal(value, b["optimizer"]["ema"][name]), name
+
+
+def test_resume_takes_the_checkpoints_flags_and_refuses_one_typed_otherwise(mnist, class_run, tmp_path,
+                                                                          capsys, monkeypatch):
+    ckpt = os.path.join(class_run, "ckpt.pt")
+    message = flow_error(capsys, "--resume", ckpt, "--hidden", 16)
+    assert "was trained with --hidden 8, not with --hidden 16: leave it out to resume" in message
+    message = flow_error(capsys, "--resume", ckpt, "--sinusoidal-t")
+    assert "was trained without --sinusoidal-t, not with --sinusoidal-t" in message
+    assert "holds weights alone" in flow_error(capsys, "--resume", os.path.join(class_run, "model.pt"))
+    old = torch.load(ckpt, weights_only=True)
+    del old["args"]["method"]  # written before --method existed: it trained flow matching
+    flow.save_checkpoint(str(tmp_path / "old.pt"), old)
+    assert "trained with --method flow, not with --method ddpm" in flow_error(
+        capsys, "--resume", tmp_path / "old.pt", "--method", "ddpm")
+    seen = []
+    monkeypatch.setattr(flow, "train", lambda args, *rest: seen.append(args))
+    run_flow("--resume", ckpt, "--epochs", 1)  # typed as trained: allowed
+    args = seen[0]
+    assert (args.hidden, args.limit, args.batch_size, args.out) == (8, 128, 32, class_run)  # its own folder
+    other = tmp_path / "other"
+    monkeypatch.undo()
+    run_flow(*tiny_flow_args(mnist, other, "--epochs", 1))
+    assert "already holds a run" in flow_error(capsys, "--resume", ckpt, "--out", other)
 
 
 # --- flow.py part two: better time input -------------------------------------------
@@ -610,9 +716,6 @@ def test_time_flags_are_saved_and_rebuild_their_unet(mnist, tmp_path, capsys, mo
     for name in ("ckpt.pt", "model.pt"):  # the weights load only into the UNet these flags describe
         model = flow.load_checkpoint(os.path.join(out, name))
         assert model.sinusoidal_t and len(model.film) == 5 and model.fc1_t[0].in_features == 32
-    message = flow_error(capsys, *tiny_flow_args(mnist, str(tmp_path / "other"), "--epochs", 1, *flags[:-1],
-                                                 "--resume", os.path.join(out, "ckpt.pt")))
-    assert "--logit-normal-t True" in message
 
 
 # --- EMA ---------------------------------------------------------------------------
@@ -1085,9 +1188,9 @@ def pixel_classifier():
 def test_score_counts_the_digits_recognised_as_asked():
     x = torch.zeros(10, 1, 28, 28)
     x[torch.arange(10), 0, 0, torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 0, 0])] = 1  # the last two look like 0
-    accuracy, confidence, features = flow.score(pixel_classifier(), x, torch.arange(10))
+    accuracy, confidence, features = flow.classify(pixel_classifier(), x, torch.arange(10))
     assert accuracy == pytest.approx(0.8) and confidence > 0.99 and features.shape == (10, 28)
-    entropy, _, _ = flow.score(pixel_classifier(), x)  # 0 three times, 1-7 once each
+    entropy, _, _ = flow.classify(pixel_classifier(), x)  # 0 three times, 1-7 once each
     p = torch.tensor([0.3] + [0.1] * 7)
     assert entropy == pytest.approx(-(p * p.log()).sum().item(), rel=1e-6)
 
@@ -1108,11 +1211,11 @@ def test_evaluate_scores_the_samples_it_draws(class_run, mnist, capsys, monkeypa
     # the second row by a second path: 20 samples (2 of each digit) from the seed 180, scored by hand
     labels, classifier = torch.arange(20) % 10, pixel_classifier()
     x = flow.sample(flow.load_checkpoint(ckpt), 20, labels, steps=2, guidance=3.0, seed=180).clamp(0, 1)
-    accuracy, confidence, features = flow.score(classifier, x, labels)
+    accuracy, confidence, features = flow.classify(classifier, x, labels)
     digits = lambda limit, train: flow.load_mnist(mnist, "cpu", limit, train)[0].unsqueeze(1) / 255
-    real = flow.score(classifier, digits(None, False))[2]
+    real = flow.classify(classifier, digits(None, False))[2]
     fd = flow.frechet_distance(features, real)
-    floor = flow.frechet_distance(flow.score(classifier, digits(20, True))[2], real)
+    floor = flow.frechet_distance(flow.classify(classifier, digits(20, True))[2], real)
     assert rows[1][4:8] == [f"{accuracy:.4f}", f"{confidence:.4f}", f"{fd:.2f}", f"{floor:.2f}"]
 
 
@@ -1326,7 +1429,7 @@ def test_likelihood_refuses_what_has_no_density(mnist, class_run, tmp_path, caps
                        (["--ckpt", ckpt, "--solver", "ddim"], "integrates with euler or midpoint"),
                        (["--ckpt", ckpt, "--likelihood", 10001], "the test split has 10,000 digits")]:
         assert says in flow_error(capsys, "--likelihood", 5, "--data", mnist, *argv), argv
-    assert "at least 1" in flow_error(capsys, "--likelihood", 0, "--ckpt", ckpt)
+    assert "invalid positive int value" in flow_error(capsys, "--likelihood", 0, "--ckpt", ckpt)
 
 
 def test_dequantize_trains_on_each_pixel_plus_fresh_uniform_noise_over_256():
@@ -1383,8 +1486,8 @@ def test_benchmark_reports_speed_and_writes_nothing(mnist, tmp_path, capsys, mon
 
 @pytest.mark.parametrize("argv,says", [
     (["--cond", "pixel"], "invalid choice"),
-    (["--epochs", "0"], "at least 1"),
-    (["--batch-size", "-3"], "at least 1"),
+    (["--epochs", "0"], "invalid positive int value: '0'"),
+    (["--batch-size", "-3"], "invalid positive int value: '-3'"),
     (["--p-uncond", "1.5"], "--p-uncond"),
     (["--device", "tpu"], "invalid choice"),
     (["--sample-only", "--guidance", "1,5", "--gif"], "--gif animates one grid"),
@@ -1395,7 +1498,7 @@ def test_benchmark_reports_speed_and_writes_nothing(mnist, tmp_path, capsys, mon
     (["--reflow", "teacher.pt", "--evaluate", "10"], "--reflow trains a flow model"),
     (["--predictions", "--steps", "10,20"], "--predictions draws one figure"),
     (["--predictions", "--gif"], "--gif animates one grid"),
-    (["--likelihood", "5", "--evaluate", "5"], "one at a time"),
+    (["--likelihood", "5", "--evaluate", "5"], "not allowed with argument --likelihood"),
 ])
 def test_bad_flags_are_refused(capsys, argv, says):
     assert says in flow_error(capsys, *argv)
@@ -1479,7 +1582,8 @@ def test_each_script_runs_copied_alone_into_an_empty_folder(script, out, mnist, 
 
 def test_the_shared_pieces_are_identical_in_both_scripts():
     import inspect
-    for name in ("bn_gelu", "ConvBlock", "DownBlock", "UpBlock", "load_mnist", "grid_image", "figure",
+    for name in ("bn_gelu", "ConvBlock", "DownBlock", "UpBlock", "load_mnist", "pick_device", "amp_problem",
+                 "autocast", "to_device", "random_streams", "restore_random_streams", "grid_image", "figure",
                  "canvas", "plot_loss", "read_checkpoint"):
         assert inspect.getsource(getattr(flow, name)) == inspect.getsource(getattr(denoise, name)), name
 
