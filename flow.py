@@ -574,8 +574,8 @@ def time_features(t, n=16):
 
 
 class TimeUNet(UNet):
-    """The UNet with either or both time changes; film[i], made zero at first (training starts from the
-    assignment's network), gives block i of conv_in, down1, down2, up1, up2 its scale and shift."""
+    """The UNet with either or both time changes; film[i], made zero at first (each block starts as the
+    plain UNet's), gives block i of conv_in, down1, down2, up1, up2 its scale and shift."""
 
     def __init__(self, hidden=64, num_classes=0, sinusoidal_t=False, time_every_block=False):
         super().__init__(hidden, num_classes)
@@ -790,13 +790,11 @@ def guided(model, guide, guidance):
 
 
 # --- reflow: straight paths from the model's own pairs (Liu, Gong and Liu 2022) ---
-# The field u_theta learns is the average velocity of all the lines x0 -> x1 through a point; lines from
-# independent noise and digits cross, so its paths curve and few Euler steps land off them. Reflow trains
-# again, with the same loss, on the lines from noise x0 to the teacher's own sample x1 from x0: x1 is a
-# function of x0, so these lines hardly cross, the student's paths are nearly straight, and
-# x1 ~ x0 + u_theta(x0, 0, c), one network call a digit. The student learns the teacher's guided flow: it
-# samples at gamma 1, with no unconditional half.
-TEACHER = {"solver": "midpoint", "steps": 5, "guidance": 2.0}  # 10 calls: second order, so near 50 calls
+# Lines from independent noise and digits cross, so the learned field's paths curve. Reflow trains again, with
+# the same loss, on lines from noise x0 to the teacher's own sample x1 from it: these hardly cross, so the
+# student's paths are nearly straight and x1 ~ x0 + u_theta(x0, 0, c). It learns the teacher's guided flow,
+# so it samples at gamma 1.
+TEACHER = {"solver": "midpoint", "steps": 5, "guidance": 2.0}  # how the teacher draws the pairs
 
 
 def make_pairs(teacher, args, chunk=1000, batch=100):
@@ -828,8 +826,8 @@ def make_pairs(teacher, args, chunk=1000, batch=100):
                 x1.append(digits.clamp(0, 1).mul(255).round().byte().squeeze(1))
                 made += n
                 eta = (time.time() - started) / made * (args.pairs - j - n)
-                print(f"pairs {j + n:6d}/{args.pairs} | {made / (time.time() - started):5.1f} pairs/s | "
-                      f"eta {eta / 60:5.1f} min", flush=True)
+                print(f"pairs: {j + n}/{args.pairs}, {made / (time.time() - started):.1f} pairs/s, "
+                      f"eta {eta:.0f}s", end="\r", file=sys.stderr)
             pairs = {**settings, "x0": torch.cat(x0), "x1": torch.cat(x1), "labels": torch.cat(labels)}
             save_checkpoint(path, pairs)
         chunks.append(pairs)
@@ -845,10 +843,7 @@ def straightness(trajectory):
 
 # --- inside the flow: what the network predicts along the way ----------------
 # From x_t the velocity points along a straight line that ends, at t = 1, on x1_hat = x_t + (1 - t) u_theta:
-# the network's guess of the finished digit (for the exact field at gamma 1, E[x1 | x_t, c]). At t = 0 the
-# noise tells nothing of x1, so the best guess is the mean training digit of the class, as Part 1's denoiser
-# answered pure noise, and one Euler step from t = 0 lands on that blur. Reflow trains on x1 made from x0,
-# so its guess at t = 0 is already a digit.
+# the network's guess of the finished digit (for the exact field at gamma 1, E[x1 | x_t, c]).
 
 
 def figure(rows, row_labels, col_labels=None, title=None, scale=3):
@@ -1153,12 +1148,10 @@ def divergence(model, x, t, c=None, probe=None):
 
 
 def log_likelihood(model, x1, steps, solver="midpoint", c=None, probe=None, power=2):
-    """The two terms of log p1(x1) = base - integral for each image under the flow's ODE: base =
-    log N(x0; 0, I) at the end x0, integral = that of the divergence over t. x and the integral go backward
-    together from t = 1 to 0 in `steps` steps of `solver` (euler or midpoint) at t_k = 1 - (k/steps)^power:
-    packed near t = 1, where the field changes on a time scale of 1 - t (u = (x1_hat - x_t) / (1 - t)).
-    One probe per image, the same at every step, keeps the integral's estimate unbiased. Returns base,
-    integral and x0."""
+    """base, integral and x0 of log p1(x1) = base - integral for each image: x and the divergence's integral
+    run backward from t = 1 to 0 in `steps` steps of `solver` at t_k = 1 - (k/steps)^power, packed near t = 1,
+    where the field changes fastest; base = log N(x0; 0, I) at the end. One probe per image serves every
+    step, as in FFJORD (fresh ones would be unbiased too)."""
     was_training = model.training
     model.eval()  # BatchNorm uses its running statistics: each image's density its own
     times = [1 - (k / steps) ** power for k in range(steps + 1)]
@@ -1187,6 +1180,7 @@ def likelihood(model, args, device, chunk=100):
     """--likelihood: bits/dim of the first N test digits, (pixel + jitter) / 256 with the jitter and the
     probes drawn from the seed; a class model's density both by its c = 0 half and as p(x | c)."""
     n = args.likelihood
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32, not TF32
     if model.method != "flow":
         raise ValueError(f"--likelihood needs a flow model: {args.ckpt} is a {model.method} model")
     if args.solver not in SOLVERS["flow"]:
@@ -1206,10 +1200,9 @@ def likelihood(model, args, device, chunk=100):
         digits = F.one_hot(labels, 10).float()
         densities = {"p(x), c = 0": 0 * digits, "p(x given c), c = its digit": digits}
     nfe = args.steps * (2 if args.solver == "midpoint" else 1)
-    print(f"{n} test digits, dequantized (seed {args.seed}); {args.solver}, {args.steps} steps at t_k = 1 - "
-          f"(k/{args.steps})^2, NFE {nfe}, one Hutchinson probe each; bits/dim = 8 + the next two columns; "
-          "x0's standard deviation is 1 for a perfect model\n| density | bits/dim | standard error | "
-          "-log2 N(x0) / 784 | integral of div / (784 ln 2) | std of x0 | s |\n|" + " ---: |" * 7)
+    print(f"{n} dequantized test digits, seed {args.seed}; {args.solver}, {args.steps} steps, NFE {nfe}\n"
+          "| density | bits/dim | standard error | -log2 N(x0) / 784 | integral of div / (784 ln 2) | std of x0 "
+          "| s |\n|" + " ---: |" * 7)
     for name, c in densities.items():
         started, terms = time.time(), []
         for i in range(0, n, chunk):

@@ -1021,7 +1021,7 @@ def test_reflow_run_starts_from_the_teacher_and_samples_in_one_step_by_default(m
                                                                               capsys, monkeypatch):
     out, teacher = tmp_path / "reflow", os.path.join(class_run, "model.pt")
     run_flow("--reflow", teacher, "--pairs", 64, "--epochs", 1, "--batch-size", 32, "--out", out,
-             "--device", "cpu", "--log-every", 1)
+             "--device", "cpu", "--log-every", 1, "--logit-normal-t")  # x0 from the pairs, t logit-normal
     assert sorted(os.listdir(out)) == ["ckpt.pt", "loss.csv", "loss.png", "model.pt", "pairs",
                                        "samples_epoch01.png"]
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
@@ -1360,6 +1360,9 @@ def test_the_zero_field_leaves_the_gaussian_it_starts_from():
     normal = torch.distributions.Normal(0.0, 1.0).log_prob(x1).flatten(1).sum(1)
     assert torch.equal(x0, x1) and integral.abs().max() == 0
     assert base.tolist() == pytest.approx(normal.tolist())
+    # N(0, I) at its centre: log p = -392 ln(2 pi), far from 0, so bits/dim = 8 + log2(2 pi) / 2 checks the base
+    base, integral, _ = flow.log_likelihood(zero, torch.zeros(1, 1, 28, 28), 5, "euler")
+    assert flow.bits_per_dim(base - integral).item() == pytest.approx(8 + math.log2(2 * math.pi) / 2)
 
 
 class ToUniform(torch.nn.Module):
@@ -1394,7 +1397,11 @@ def test_a_uniform_density_on_the_unit_cube_scores_8_bits_per_pixel():
 def test_likelihood_scores_dequantized_test_digits_by_both_halves_of_a_class_model(class_run, mnist, capsys):
     ckpt = os.path.join(class_run, "model.pt")
     capsys.readouterr()
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as main sets them on CUDA
     run_flow("--likelihood", 3, "--ckpt", ckpt, "--data", mnist, "--steps", 2, "--device", "cpu")
+    assert not (torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32)  # fp32 throughout
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     printed = capsys.readouterr()
     assert "p(x given c), c = its digit: 3/3 digits, eta 0s" in printed.err
     assert "trained on pixel / 255, not --dequantize" in printed.err  # class_run was
@@ -1461,6 +1468,13 @@ def test_sample_only_writes_to_runs_and_leaves_the_checkpoint_folder_alone(class
     assert sorted(os.listdir(class_run)) == before
 
 
+def test_guidance_on_a_time_only_model_needs_a_guide(mnist, tmp_path, capsys):
+    time_run = str(tmp_path / "time")
+    run_flow(*tiny_flow_args(mnist, time_run, "--epochs", 1, "--cond", "time"))
+    message = flow_error(capsys, "--sample-only", "--ckpt", os.path.join(time_run, "model.pt"), "--guidance", "1,5")
+    assert "time-only, with no class to guide by: --guidance needs --autoguide" in message
+
+
 def test_sample_only_sweep_writes_one_row_per_value(class_run, tmp_path):
     run_flow("--sample-only", "--ckpt", os.path.join(class_run, "ckpt.pt"), "--steps", 2,
              "--guidance", "0,1,5", "--out", tmp_path, "--device", "cpu")
@@ -1499,6 +1513,10 @@ def test_benchmark_reports_speed_and_writes_nothing(mnist, tmp_path, capsys, mon
     (["--predictions", "--steps", "10,20"], "--predictions draws one figure"),
     (["--predictions", "--gif"], "--gif animates one grid"),
     (["--likelihood", "5", "--evaluate", "5"], "not allowed with argument --likelihood"),
+    (["--benchmark", "--sample-only"], "not allowed with argument --benchmark"),
+    (["--score", "mine.pt", "--gif"], "--gif animates one grid"),
+    (["--reflow", "teacher.pt", "--limit", "500"], "--reflow trains a flow model on --pairs pairs"),
+    (["--reflow", "teacher.pt", "--pairs", "10"], "--pairs 10 is less than --batch-size 64: raise --pairs"),
 ])
 def test_bad_flags_are_refused(capsys, argv, says):
     assert says in flow_error(capsys, *argv)
@@ -1604,3 +1622,39 @@ def test_the_readmes_name_only_files_and_flags_that_exist(capsys):
         helps.append(capsys.readouterr().out)
     for flag in set(re.findall(r"`(--[a-z-]+)", lesson)):
         assert any(flag in text for text in helps), flag
+
+
+# --- on a GPU or a Mac: run where one is present, skipped elsewhere ------------------
+
+DEVICES = [pytest.param(name, marks=pytest.mark.skipif(not present, reason=f"no {name} device here"))
+           for name, present in [("cuda", torch.cuda.is_available()), ("mps", torch.backends.mps.is_available())]]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_tiny_run_trains_and_resumes_on_the_device(mnist, tmp_path, monkeypatch, device):
+    amp = [] if flow.amp_problem(torch.device(device)) else ["--amp"]
+    args = ("--epochs", 2, "--sample-epochs", "1", "--device", device, "--ema", 0.9, *amp)
+    whole, broken = str(tmp_path / "whole"), str(tmp_path / "broken")
+    run_flow(*tiny_flow_args(mnist, whole, *args))
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(flow, "sample_grid", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_flow(*tiny_flow_args(mnist, broken, *args))
+    monkeypatch.undo()
+    run_flow("--resume", os.path.join(broken, "ckpt.pt"), "--device", device, "--data", mnist)
+    a, b = (torch.load(os.path.join(run, "ckpt.pt"), weights_only=True) for run in (whole, broken))
+    assert f"rng_{device}" in b  # the device's own random stream, restored on resume
+    assert b["losses"] == pytest.approx(a["losses"], rel=1e-3)  # the GPU's kernels may vary in the last bits
+    assert os.path.exists(os.path.join(broken, "samples_epoch02.png"))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_shipped_weights_draw_the_cpus_digits_on_the_device(device):
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 on both
+    path, labels = os.path.join(HERE, "samples", "flow_class", "model.pt"), torch.arange(20) % 10
+    digits = [flow.sample(flow.load_checkpoint(path, where), 20, labels, steps=5, guidance=2.0, seed=180).cpu()
+              for where in ("cpu", device)]
+    assert (digits[0] - digits[1]).abs().max() < 0.01  # the seed's noise is the same: float error alone
