@@ -93,7 +93,7 @@ class UNet(nn.Module):
 
     def forward(self, x_t, t, c=None):
         # x_t: B x 1 x 28 x 28, t: B x 1 in [0, 1], c: B x num_classes one-hot (or zeros)
-        # the seed's names: Flatten is an average pool; tensors unflatten and up1 are named after their ops
+        # the assignment's names: Flatten is an average pool; tensors unflatten and up1 take their ops' names
         e0 = self.conv_in(x_t)  # D x 28 x 28
         e1 = self.down1(e0)  # D x 14 x 14
         e2 = self.down2(e1)  # 2D x 7 x 7
@@ -302,7 +302,8 @@ def train(args, model, optimizer, data, loss_fn=flow_matching_loss, step_fn=eule
         mean_loss = sum(losses[-batches:]) / batches
         msg = f"epoch {epoch} done in {time.time() - started:.1f}s, mean loss {mean_loss:.4f}"
         if epoch in args.sample_epochs or epoch == args.epochs:
-            started, trajectory = time.time(), [] if args.gif and epoch == args.epochs else None
+            started = time.time()
+            trajectory = [] if args.gif and epoch == args.epochs else None  # --gif: the last grid's steps
             name = f"samples_epoch{epoch:02d}.png"
             sample_grid(net, args, trajectory, step_fn).save(os.path.join(args.out, name))
             if trajectory:
@@ -471,7 +472,7 @@ def assignment_parser():
     add = parser.add_argument_group("input, output, system").add_argument
     add("--data", default="data", help="MNIST root, downloaded if missing (default: %(default)s)")
     add("--out", help="output folder (default: runs/flow_<cond>; with --resume, its folder)")
-    add("--resume", metavar="CKPT", help="continue the run of this ckpt.pt, with its flags (default: off)")
+    add("--resume", metavar="CKPT", help="continue this run, its training flags kept (default: off)")
     add("--amp", action="store_true", help="bfloat16 autocast: CUDA 8.0+ (not a T4), MPS with torch 2.6+, "
         "CPUs (slow without AVX-512 BF16 or AMX) (default: off, fp32)")
     add("--log-every", type=positive(int), default=100, metavar="N", help="steps a log line (default: 100)")
@@ -512,9 +513,9 @@ def parse(parser, argv=None):
 
 
 def as_typed(key, value):
-    """A flag's value as one would type it: '--lr 0.01', 'with --gif', 'without --limit'."""
+    """A flag's value as one would type it: 'with --lr 0.01', 'with --gif', 'without --limit'."""
     flag = "--" + key.replace("_", "-")
-    if value is True or value in (None, False):
+    if value is True or value is False or value is None:
         return f"with {flag}" if value is True else f"without {flag}"
     return f"with {flag} {value}"
 
@@ -551,7 +552,8 @@ def run(args, device):
 
 
 def assignment(argv=None):
-    """The assignment's program, what flow.py cut at the banner below runs: python flow.py --epochs 10."""
+    """The assignment's program, whole in the text above the banner below: assignment(["--epochs", "10"])
+    runs what python flow.py --epochs 10 runs."""
     args, device = parse(assignment_parser(), argv)
     try:
         run(args, device)
@@ -655,13 +657,13 @@ def keep_ema(optimizer, model, data, loss_fn, args):
     """A copy of model that the optimizer keeps as the average of model's weights: updated after each of its
     steps, its BatchNorm statistics measured after each epoch's last, saved and resumed in the optimizer's
     state_dict (PyTorch's optimizer hooks), so part one's loop and checkpoints stay as they are."""
-    ema, updates, steps = copy.deepcopy(model).requires_grad_(False), 0, len(data[0]) // args.batch_size
+    ema, updates, batches = copy.deepcopy(model).requires_grad_(False), 0, len(data[0]) // args.batch_size
 
     def after_step(optimizer, *_):
         nonlocal updates
         update_ema(ema, model, args.ema, updates)
         updates += 1
-        if updates % steps == 0:
+        if updates % batches == 0:  # an epoch's last step
             measure_batchnorm(ema, loss_fn, data, args)
 
     def load(optimizer, state):
@@ -1201,8 +1203,8 @@ def likelihood(model, args, device, chunk=100):
         densities = {"p(x), c = 0": 0 * digits, "p(x given c), c = its digit": digits}
     nfe = args.steps * (2 if args.solver == "midpoint" else 1)
     print(f"{n} dequantized test digits, seed {args.seed}; {args.solver}, {args.steps} steps, NFE {nfe}\n"
-          "| density | bits/dim | standard error | -log2 N(x0) / 784 | integral of div / (784 ln 2) | std of x0 "
-          "| s |\n|" + " ---: |" * 7)
+          "| density | bits/dim | standard error | -log2 N(x0) / 784 | integral of div / (784 ln 2) | "
+          "std of x0 | s |\n|" + " ---: |" * 7)
     for name, c in densities.items():
         started, terms = time.time(), []
         for i in range(0, n, chunk):
@@ -1280,10 +1282,10 @@ def from_checkpoint(args, device, sweep):
 # --- speed: a benchmark of the real code path, and torch.compile -------------
 
 
-def benchmark(model, data, args, loss_fn, step_fn, steps=30):
+def benchmark(model, data, args, loss_fn, step_fn, batches=30):
     """Training images/s over `steps` steps and the seconds one sample grid takes, through the
     same functions a real run uses."""
-    args.log_every, args.epochs, n = 10 ** 9, 1, min(len(data[0]), steps * args.batch_size)
+    args.log_every, args.epochs, n = 10 ** 9, 1, min(len(data[0]), batches * args.batch_size)
     optimizer, device = torch.optim.Adam(model.parameters(), lr=args.lr), data[0].device
 
     def seconds(work):  # the second of two runs: the first pays for warm-up and kernel autotuning
@@ -1366,9 +1368,9 @@ def main(argv=None):
     parser = assignment_parser()  # part one's flags, then part two's groups
     parser.epilog = "--sample-only and --evaluate sweep comma-separated --solver, --steps and --guidance."
     parser.conflict_handler = "resolve"  # the sweeps' --steps and --guidance, lists, replace part one's
-    add = parser.add_argument_group("beyond the assignment: training", "--method ddpm trains 20 epochs of "
-                                    "batch 128 at --lr 0.001, grids after epochs 1, 5, 10, 20; --reflow "
-                                    "trains at --lr 0.001").add_argument
+    add = parser.add_argument_group("beyond the assignment: training", "--method ddpm's defaults: --epochs "
+                                    "20 --batch-size 128 --lr 0.001 --sample-epochs 1,5,10,20;\n--reflow's: "
+                                    "--lr 0.001").add_argument
     add("--sinusoidal-t", action="store_true", help="feed sin and cos of t at 16 frequencies (default: off)")
     add("--time-every-block", action="store_true", help="t scales and shifts every block (default: off)")
     add("--logit-normal-t", action="store_true", help="train on t = sigmoid(N(0, 1)) (default: off)")
@@ -1379,8 +1381,7 @@ def main(argv=None):
     add("--reflow", metavar="CKPT", help="train on pairs drawn by this class flow model (default: off)")
     add("--pairs", type=positive(int), default=60000, metavar="N", help="reflow pairs (default: %(default)s)")
     add("--compile", action="store_true", help="torch.compile the UNet; slow to start (default: off)")
-    group = parser.add_argument_group("beyond the assignment: sampling, scoring, no training",
-                                      "DDPM samples with 300 steps, a reflowed model with 1 at gamma 1")
+    group = parser.add_argument_group("beyond the assignment: sampling, scoring, no training")
     add = group.add_argument
     add("--steps", type=number_list(positive(int)), metavar="N",
         help="sampling steps (default: 50; class, ddpm 300; reflow 1; --predictions 40, --likelihood 120)")
