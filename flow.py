@@ -217,10 +217,10 @@ def autocast(device, amp):
 
 
 def to_device(model, device):
-    """model on device; in channels-last memory on CUDA, where convolutions run faster that way (on MPS
-    BatchNorm computes wrong answers in it)."""
+    """model on device, in channels-last memory, where convolutions run faster (1.2x on a CPU), but on MPS,
+    where BatchNorm computes wrong answers in it."""
     model = model.to(device)
-    return model.to(memory_format=torch.channels_last) if torch.device(device).type == "cuda" else model
+    return model if torch.device(device).type == "mps" else model.to(memory_format=torch.channels_last)
 
 
 def random_streams(device):

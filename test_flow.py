@@ -453,10 +453,10 @@ def test_amp_runs_only_where_bfloat16_does(monkeypatch, capsys):
         assert "run without --amp (fp32)" in error(capsys, "--amp", "--out", "unused")
 
 
-def test_models_are_channels_last_on_cuda_alone():
-    model = flow.to_device(flow.UNet(8), "cpu")  # on MPS, BatchNorm goes wrong in channels-last memory
-    assert model.down1[0][0].weight.is_contiguous()
-    assert not model.down1[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+def test_models_are_channels_last_but_on_mps():
+    model = flow.to_device(flow.UNet(8), "cpu")  # faster convolutions; MPS: see the device tests below
+    assert model.down1[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert not model.down1[0][0].weight.is_contiguous()
 
 
 def test_training_reads_the_loss_back_on_log_steps_only(mnist, monkeypatch):
@@ -560,8 +560,9 @@ def test_part_one_cut_at_the_banner_runs_the_assignment_alone(mnist, tmp_path):
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["args"]["steps"] == 2 and ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-3)
     assert flow.load_checkpoint(out / "model.pt").num_classes == 10  # part two reads what part one wrote
-    namespace["assignment"]([str(a) for a in ["--data", mnist, "--out", tmp_path / "time", "--cond", "time",
-                                              "--hidden", 8, "--limit", 64, "--epochs", 1, "--device", "cpu"]])
+    time_run = ["--data", mnist, "--out", tmp_path / "time", "--cond", "time", "--hidden", 8, "--limit", 64,
+                "--epochs", 1, "--device", "cpu"]
+    namespace["assignment"]([str(a) for a in time_run])
     ckpt = torch.load(tmp_path / "time" / "ckpt.pt", weights_only=True)
     assert (ckpt["args"]["steps"], ckpt["args"]["guidance"]) == (50, 5.0)  # the assignment's defaults
 
@@ -1360,7 +1361,7 @@ def test_the_zero_field_leaves_the_gaussian_it_starts_from():
     normal = torch.distributions.Normal(0.0, 1.0).log_prob(x1).flatten(1).sum(1)
     assert torch.equal(x0, x1) and integral.abs().max() == 0
     assert base.tolist() == pytest.approx(normal.tolist())
-    # N(0, I) at its centre: log p = -392 ln(2 pi), far from 0, so bits/dim = 8 + log2(2 pi) / 2 checks the base
+    # N(0, I) at its centre: log p = -392 ln(2 pi), far from 0: bits/dim = 8 + log2(2 pi) / 2 checks the base
     base, integral, _ = flow.log_likelihood(zero, torch.zeros(1, 1, 28, 28), 5, "euler")
     assert flow.bits_per_dim(base - integral).item() == pytest.approx(8 + math.log2(2 * math.pi) / 2)
 
@@ -1398,7 +1399,7 @@ def test_likelihood_scores_dequantized_test_digits_by_both_halves_of_a_class_mod
     ckpt = os.path.join(class_run, "model.pt")
     capsys.readouterr()
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as main sets them on CUDA
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as on CUDA
     run_flow("--likelihood", 3, "--ckpt", ckpt, "--data", mnist, "--steps", 2, "--device", "cpu")
     assert not (torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32)  # fp32 throughout
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
@@ -1471,7 +1472,8 @@ def test_sample_only_writes_to_runs_and_leaves_the_checkpoint_folder_alone(class
 def test_guidance_on_a_time_only_model_needs_a_guide(mnist, tmp_path, capsys):
     time_run = str(tmp_path / "time")
     run_flow(*tiny_flow_args(mnist, time_run, "--epochs", 1, "--cond", "time"))
-    message = flow_error(capsys, "--sample-only", "--ckpt", os.path.join(time_run, "model.pt"), "--guidance", "1,5")
+    ckpt = os.path.join(time_run, "model.pt")
+    message = flow_error(capsys, "--sample-only", "--ckpt", ckpt, "--guidance", "1,5")
     assert "time-only, with no class to guide by: --guidance needs --autoguide" in message
 
 
@@ -1626,8 +1628,9 @@ def test_the_readmes_name_only_files_and_flags_that_exist(capsys):
 
 # --- on a GPU or a Mac: run where one is present, skipped elsewhere ------------------
 
+PRESENT = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
 DEVICES = [pytest.param(name, marks=pytest.mark.skipif(not present, reason=f"no {name} device here"))
-           for name, present in [("cuda", torch.cuda.is_available()), ("mps", torch.backends.mps.is_available())]]
+           for name, present in PRESENT.items()]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -1655,6 +1658,10 @@ def test_a_tiny_run_trains_and_resumes_on_the_device(mnist, tmp_path, monkeypatc
 def test_the_shipped_weights_draw_the_cpus_digits_on_the_device(device):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 on both
     path, labels = os.path.join(HERE, "samples", "flow_class", "model.pt"), torch.arange(20) % 10
-    digits = [flow.sample(flow.load_checkpoint(path, where), 20, labels, steps=5, guidance=2.0, seed=180).cpu()
+    digits = [flow.sample(flow.load_checkpoint(path, where), 20, labels, steps=5, guidance=2.0, seed=180)
               for where in ("cpu", device)]
+    digits[1] = digits[1].cpu()
     assert (digits[0] - digits[1]).abs().max() < 0.01  # the seed's noise is the same: float error alone
+    weight = flow.load_checkpoint(path, device).down1[0][0].weight
+    memory = torch.contiguous_format if device == "mps" else torch.channels_last  # BatchNorm's MPS bug
+    assert weight.is_contiguous(memory_format=memory)
