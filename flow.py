@@ -1400,9 +1400,10 @@ def main(argv=None):
         help="no training: path.png, and predictions.png of --ckpt: x_t beside x1_hat (default: off)")
     add("--score", metavar="FILE", help="no training: score the digits any code saved to FILE (default: off)")
     add("--benchmark", action="store_true", help="time 30 training steps and a grid, exit (default: off)")
-    if parser.parse_args(argv).method == "ddpm":  # the DDPM version's defaults, for the flags not given
+    first = parser.parse_args(argv)  # which defaults apply: DDPM's version's, or reflow's fine-tuning rate
+    if first.method == "ddpm":
         parser.set_defaults(epochs=20, batch_size=128, lr=1e-3, sample_epochs="1,5,10,20")
-    if parser.parse_args(argv).reflow:  # fine-tuning the teacher's weights
+    if first.reflow:
         parser.set_defaults(lr=1e-3)
     args, device = parse(parser, argv)
     if args.logit_normal_t and args.method == "ddpm":
