@@ -1,13 +1,13 @@
 """
 Flow matching on MNIST, from scratch, in one file.
 
-A UNet u_theta(x_t, t, c) learns the velocity of straight paths from Gaussian noise x0 to
-digits x1: x_t = (1 - t) x0 + t x1 moves at u = x1 - x0 (eq. B.3, B.4), so training is plain
-regression (eq. B.5). Sampling integrates dx/dt = u_theta from t = 0 (noise) to t = 1 (a digit)
-with Euler steps; with classes, classifier-free guidance mixes the conditional and
-unconditional velocities. Part one below is the course assignment, a complete program read top to
-bottom (flow.py cut at its banner runs it); part two, after the banner "beyond the assignment", adds
-what goes further, each in a section of its own, and main(), which hands plain runs to part one.
+A UNet u_theta(x_t, t, c) learns the velocity of straight paths from Gaussian noise x0 to digits x1:
+x_t = (1 - t) x0 + t x1 moves at u = x1 - x0 (eq. B.3, B.4), so training is plain regression (eq.
+B.5). Sampling integrates dx/dt = u_theta from t = 0 (noise) to t = 1 (a digit) with Euler steps;
+with classes, classifier-free guidance mixes the conditional and unconditional velocities. Part one
+below is the course assignment, a complete program read top to bottom (cut at its banner, its entry
+assignment() runs it); part two, after the banner "beyond the assignment", adds what goes further,
+each in a section of its own, and main(), which hands plain runs to part one.
 
     python flow.py --sample-only --ckpt samples/flow_class/model.pt --steps 10 --guidance 2   # seconds
     python flow.py --cond class --epochs 10    # the assignment's run, 4 of each digit -> runs/flow_class
@@ -134,8 +134,8 @@ def flow_matching_loss(model, x1, labels=None, p_uncond=0.1, x0=None, t=None):
 
 
 def predict(model, x, t, c=None, guidance=1.0):
-    """The network's output at x (every image) and time t (a number): u_theta(x, t, c), with c guided
-    by classifier-free guidance (Algorithm B.4), the conditional and the unconditional half (c = 0) in one
+    """The network's output at x (every image) and time t (a number): u_theta(x, t, c); with c, guided by
+    classifier-free guidance (Algorithm B.4), the conditional and the unconditional half (c = 0) in one
     batch."""
     t = torch.full((x.shape[0], 1), t, device=x.device)
     if c is None or guidance == 1:
@@ -1283,8 +1283,8 @@ def from_checkpoint(args, device, sweep):
 
 
 def benchmark(model, data, args, loss_fn, step_fn, batches=30):
-    """Training images/s over `steps` steps and the seconds one sample grid takes, through the
-    same functions a real run uses."""
+    """Training images/s over `batches` steps and the seconds one sample grid takes (each the second of two
+    runs), through the same functions a real run uses."""
     args.log_every, args.epochs, n = 10 ** 9, 1, min(len(data[0]), batches * args.batch_size)
     optimizer, device = torch.optim.Adam(model.parameters(), lr=args.lr), data[0].device
 
@@ -1315,16 +1315,16 @@ TRAINING_FLAGS += ["sinusoidal_t", "time_every_block", "logit_normal_t", "ema", 
 
 def train_beyond(args, device):
     """Part one's train() with what part two's flags add: on MNIST, or with --reflow on a teacher's pairs."""
-    args.out = args.out or default_out(args)
+    teacher = load_checkpoint(args.reflow, device) if args.reflow else None
+    if teacher and (teacher.method, teacher.num_classes) != ("flow", 10):
+        kind = f"{teacher.method} model, {'class' if teacher.num_classes else 'time'}-conditioned"
+        raise ValueError(f"--reflow needs a class-conditioned flow model: {args.reflow} is a {kind}")
+    for key in ("cond", "hidden", "sinusoidal_t", "time_every_block") if teacher else ():  # its UNet
+        setattr(args, key, teacher.settings.get(key, False))
+    args.out = args.out or default_out(args)  # named after the teacher's cond, not a typed one
     if not args.benchmark:
         prepare_out(args)
-    if args.reflow:
-        teacher = load_checkpoint(args.reflow, device)
-        if (teacher.method, teacher.num_classes) != ("flow", 10):
-            kind = f"{teacher.method} model, {'class' if teacher.num_classes else 'time'}-conditioned"
-            raise ValueError(f"--reflow needs a class-conditioned flow model: {args.reflow} is a {kind}")
-        for key in ("cond", "hidden", "sinusoidal_t", "time_every_block"):  # the teacher's UNet
-            setattr(args, key, teacher.settings.get(key, False))
+    if teacher:
         model, data = copy.deepcopy(teacher).train(), make_pairs(teacher, args)
     else:
         model = to_device(build_unet(vars(args)), device)
