@@ -256,7 +256,7 @@ def train(args, device):
             msg += f"; wrote {name}"
         if epoch == args.epochs and args.pure_noise:
             img = figure([torch.stack([mean_image, mean_output])], [f"after epoch {epoch}"],
-                         ["train mean", "mean D(z)"], f"MSE between them {to_mean:.1e}", scale=4)
+                         ["train mean", "mean D(z)"], f"MSE between them {to_mean:.1e}", zoom=4)
             img.save(os.path.join(args.out, "mean_image.png"))
         elif epoch == args.epochs:
             img = sigma_figure(shown[:3], model, f"trained at sigma {args.sigma} only")
@@ -267,22 +267,23 @@ def train(args, device):
 # --- outputs: figures, the loss curve, checkpoints ---------------------------
 
 
-def grid_image(x, nrow=10, scale=2):
-    """A PIL image of the digits in x (N x 1 x 28 x 28), nrow per row, enlarged `scale` times."""
+def grid_image(x, nrow=10, zoom=2):
+    """A PIL image of the digits in x (N x 1 x 28 x 28), nrow per row, enlarged `zoom` times."""
     grid = torchvision.utils.make_grid(x.float().clamp(0, 1).cpu(), nrow=nrow, padding=2, pad_value=0.5)
     img = Image.fromarray(grid[0].mul(255).round().byte().numpy())
-    return img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    return img.resize((img.width * zoom, img.height * zoom), Image.NEAREST)
 
 
-def figure(rows, row_labels, col_labels=None, title=None, scale=3):
-    """Rows of digits (each N x 1 x 28 x 28, all of one length) as one labelled PIL image."""
-    strips = [grid_image(row, nrow=len(row), scale=scale) for row in rows]
-    left, top = 150, 8 + 22 * (title is not None) + 20 * (col_labels is not None)
+def figure(rows, row_labels, col_labels=None, title=None, zoom=3, left=150):
+    """Rows of digits (each N x 1 x 28 x 28, all of one length) as one labelled PIL image, the row labels
+    in a column `left` pixels wide."""
+    strips = [grid_image(row, nrow=len(row), zoom=zoom) for row in rows]
+    top = 8 + 22 * (title is not None) + 20 * (col_labels is not None)
     img, draw = canvas(left + strips[0].width + 8, top + sum(s.height for s in strips) + 8)
     if title:
         draw.text((img.width / 2, 6), title, fill="black", anchor="mt")
     for i, label in enumerate(col_labels or []):  # centred over column i
-        draw.text((left + (2 + 30 * i + 14) * scale, top - 4), label, fill="black", anchor="mb")
+        draw.text((left + (2 + 30 * i + 14) * zoom, top - 4), label, fill="black", anchor="mb")
     for i, (strip, label) in enumerate(zip(strips, row_labels)):
         img.paste(strip, (left, top + i * strip.height))
         draw.text((left - 8, top + (i + 0.5) * strip.height), label, fill="black", anchor="rm")

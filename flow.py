@@ -133,14 +133,15 @@ def flow_matching_loss(model, x1, labels=None, p_uncond=0.1, x0=None, t=None):
     return F.mse_loss(model(x_t, t, class_input(model, labels, p_uncond)), x1 - x0)
 
 
-def predict(model, x, t, c=None, guidance=1.0):
+def model_output(model, x, t, c=None, guidance=1.0):
     """The network's output at x (every image) and time t (a number): u_theta(x, t, c); with c, guided by
     classifier-free guidance (Algorithm B.4), the conditional and the unconditional half (c = 0) in one
     batch."""
-    t = torch.full((x.shape[0], 1), t, device=x.device)
+    t_batch = torch.full((x.shape[0], 1), t, device=x.device)  # B x 1, as the UNet takes it
     if c is None or guidance == 1:
-        return model(x, t, c).float()  # fp32 under --amp
-    u_cond, u_uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([c, 0 * c])).float().chunk(2)
+        return model(x, t_batch, c).float()  # fp32 under --amp
+    both = model(torch.cat([x, x]), torch.cat([t_batch, t_batch]), torch.cat([c, 0 * c])).float()
+    u_cond, u_uncond = both.chunk(2)
     return u_uncond + guidance * (u_cond - u_uncond)
 
 
@@ -159,7 +160,7 @@ def sample(model, n, labels=None, steps=50, guidance=5.0, seed=0, step_fn=euler_
     model.eval()  # BatchNorm uses its running statistics
     device = next(model.parameters()).device
     c = None if labels is None else F.one_hot(labels.to(device), model.num_classes).float()
-    u_theta = lambda x, t: predict(model, x, t, c, guidance)  # the field that the steps follow
+    u_theta = lambda x, t: model_output(model, x, t, c, guidance)  # the field that the steps follow
     # the noise comes from the CPU's random stream, seeded and forked: the seed draws the same digits on
     # every device, and training's streams are left where they were
     with torch.random.fork_rng(devices=[]):
@@ -328,11 +329,11 @@ def resume(args, model, optimizer, scheduler):
 # --- outputs: sample grids, the loss curve, checkpoints ----------------------
 
 
-def grid_image(x, nrow=10, scale=2):
-    """A PIL image of the digits in x (N x 1 x 28 x 28), nrow per row, enlarged `scale` times."""
+def grid_image(x, nrow=10, zoom=2):
+    """A PIL image of the digits in x (N x 1 x 28 x 28), nrow per row, enlarged `zoom` times."""
     grid = torchvision.utils.make_grid(x.float().clamp(0, 1).cpu(), nrow=nrow, padding=2, pad_value=0.5)
     img = Image.fromarray(grid[0].mul(255).round().byte().numpy())
-    return img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    return img.resize((img.width * zoom, img.height * zoom), Image.NEAREST)
 
 
 def sample_grid(model, args, trajectory=None, step_fn=euler_step):
@@ -589,28 +590,29 @@ class TimeUNet(UNet):
             for layer in self.film:
                 nn.init.zeros_(layer.weight), nn.init.zeros_(layer.bias)
 
-    def time_film(self, i, h, t):
-        """h * (1 + scale) + shift with the scale and shift of block i made from t; h itself without film."""
+    def time_film(self, i, h, t_in):
+        """h * (1 + scale) + shift with the scale and shift of block i made from the time input; h itself
+        without film."""
         if self.film is None:
             return h
-        scale, shift = self.film[i](t)[..., None, None].chunk(2, 1)
+        scale, shift = self.film[i](t_in)[..., None, None].chunk(2, 1)
         return h * (1 + scale) + shift
 
     def forward(self, x_t, t, c=None):  # UNet.forward, with time_film after each block
-        t = time_features(t) if self.sinusoidal_t else t
-        e0 = self.time_film(0, self.conv_in(x_t), t)
-        e1 = self.time_film(1, self.down1(e0), t)
-        e2 = self.time_film(2, self.down2(e1), t)
+        t_in = time_features(t) if self.sinusoidal_t else t  # what the time layers take
+        e0 = self.time_film(0, self.conv_in(x_t), t_in)
+        e1 = self.time_film(1, self.down1(e0), t_in)
+        e2 = self.time_film(2, self.down2(e1), t_in)
         unflatten = self.unflatten(self.flatten(e2))
-        t1, t2 = self.fc1_t(t)[..., None, None], self.fc2_t(t)[..., None, None]
+        t1, t2 = self.fc1_t(t_in)[..., None, None], self.fc2_t(t_in)[..., None, None]
         if self.num_classes:
             c1, c2 = self.fc1_c(c)[..., None, None], self.fc2_c(c)[..., None, None]
             unflatten = c1 * unflatten + t1
         else:
             unflatten = unflatten * t1
         up1 = self.up1(torch.cat([e2, unflatten], 1))
-        up1 = self.time_film(3, c2 * up1 + t2 if self.num_classes else up1 * t2, t)
-        up2 = self.time_film(4, self.up2(torch.cat([e1, up1], 1)), t)
+        up1 = self.time_film(3, c2 * up1 + t2 if self.num_classes else up1 * t2, t_in)
+        up2 = self.time_film(4, self.up2(torch.cat([e1, up1], 1)), t_in)
         return self.conv_out(torch.cat([e0, up2], 1))
 
 
@@ -681,45 +683,48 @@ def keep_ema(optimizer, model, data, loss_fn, args):
 
 
 # --- DDPM on the same UNet: the assignment's optional extension, as its DDPM version had it ---
-# DDPM runs the other way: noise at t = NOISE_LEVELS, the digit at t = 0. Its paper calls the digit x0; in
+# DDPM runs the other way, through noise levels: pure noise at level NOISE_LEVELS, the digit at level 0 (its
+# paper calls the level t; here t is always flow matching's time in [0, 1]). Its paper calls the digit x0; in
 # this file x1 is always the digit (x0 is flow matching's noise, which DDPM calls eps):
-# x_t = sqrt(a_t) x1 + sqrt(1 - a_t) eps. Both mix noise and data affinely; DDPM's mix is not straight, and
-# its UNet predicts the noise eps, not a velocity (sample()'s u is then eps_theta, guided by the same mix).
-NOISE_LEVELS = 300  # DDPM's t = 1..NOISE_LEVELS; the UNet sees t / NOISE_LEVELS
+# x = sqrt(a) x1 + sqrt(1 - a) eps, a = alpha_bar[level]. Both mix noise and data affinely; DDPM's mix is not
+# straight, and its UNet predicts the noise eps, not a velocity (what sample()'s steps follow is then
+# eps_theta, guided by the same mix).
+NOISE_LEVELS = 300  # the UNet sees level / NOISE_LEVELS
 
 
 @functools.cache  # made once per device, not at every training or sampling step
 @torch.inference_mode(False)  # a plain tensor even if first made while sampling, so training can use it
 def alpha_bar(device="cpu"):
-    """a_t = prod_{s <= t} (1 - beta_s) for t = 0..NOISE_LEVELS, the betas evenly spaced from 1e-4 to 0.02."""
+    """alpha_bar[k] = prod_{j <= k} (1 - beta_j) for levels k = 0..NOISE_LEVELS, the betas evenly spaced
+    from 1e-4 to 0.02."""
     betas = torch.linspace(1e-4, 0.02, NOISE_LEVELS, device=device)
     return torch.cat([torch.ones(1, device=device), torch.cumprod(1 - betas, 0)])
 
 
 def ddpm_loss(model, x1, labels=None, p_uncond=0.1):
-    """Mean squared error between eps_theta(x_t, t / NOISE_LEVELS, c) and the noise eps that made x_t."""
+    """Mean squared error between eps_theta(x, level / NOISE_LEVELS, c) and the noise eps that made x."""
     eps = torch.randn_like(x1)
-    t = torch.randint(1, NOISE_LEVELS + 1, (x1.shape[0], 1), device=x1.device)
-    a = alpha_bar(x1.device)[t][:, :, None, None]
-    x_t = a.sqrt() * x1 + (1 - a).sqrt() * eps
-    return F.mse_loss(model(x_t, t / NOISE_LEVELS, class_input(model, labels, p_uncond)), eps)
+    level = torch.randint(1, NOISE_LEVELS + 1, (x1.shape[0], 1), device=x1.device)
+    a = alpha_bar(x1.device)[level][:, :, None, None]
+    x = a.sqrt() * x1 + (1 - a).sqrt() * eps
+    return F.mse_loss(model(x, level / NOISE_LEVELS, class_input(model, labels, p_uncond)), eps)
 
 
 def ddpm_step(eps_theta, x, i, steps, ddim=False):
-    """Step i of `steps` from noise level t down to s, through NOISE_LEVELS, ..., 0. --solver ddpm (the
-    ancestral sampler) draws x_s given the digit x1_hat that eps implies, adding noise sqrt(beta) z; ddim
-    puts x1_hat and eps back together at s."""
+    """Step i of `steps` from one noise level down to the next, through NOISE_LEVELS, ..., 0. --solver ddpm
+    (the ancestral sampler) draws x at the next level given the digit x1_hat that eps implies, adding noise
+    sqrt(beta) z; ddim puts x1_hat and eps back together at the next level."""
     if steps > NOISE_LEVELS:
         raise ValueError(f"a DDPM model has {NOISE_LEVELS} noise levels: use --steps {NOISE_LEVELS} or fewer")
-    t, s = (round(NOISE_LEVELS * (steps - k) / steps) for k in (i, i + 1))
-    a = alpha_bar(x.device)
-    eps = eps_theta(x, t / NOISE_LEVELS)
-    x1_hat = (x - (1 - a[t]).sqrt() * eps) / a[t].sqrt()
+    level, next_level = (round(NOISE_LEVELS * (steps - k) / steps) for k in (i, i + 1))
+    a, a_next = alpha_bar(x.device)[level], alpha_bar(x.device)[next_level]
+    eps = eps_theta(x, level / NOISE_LEVELS)
+    x1_hat = (x - (1 - a).sqrt() * eps) / a.sqrt()
     if ddim:
-        return a[s].sqrt() * x1_hat + (1 - a[s]).sqrt() * eps
-    beta = 1 - a[t] / a[s]  # beta_t itself when s = t - 1, as with the default 300 steps
-    z = torch.randn(x.shape).to(x.device) if s > 0 else 0  # from sample()'s seeded CPU stream
-    return (a[s].sqrt() * beta * x1_hat + (1 - beta).sqrt() * (1 - a[s]) * x) / (1 - a[t]) + beta.sqrt() * z
+        return a_next.sqrt() * x1_hat + (1 - a_next).sqrt() * eps
+    beta = 1 - a / a_next  # the level's own beta when the next is one lower, as with the default 300 steps
+    z = torch.randn(x.shape).to(x.device) if next_level > 0 else 0  # from sample()'s seeded CPU stream
+    return (a_next.sqrt() * beta * x1_hat + (1 - beta).sqrt() * (1 - a_next) * x) / (1 - a) + beta.sqrt() * z
 
 
 # --- more solvers, and the UNet of any checkpoint ----------------------------
@@ -740,7 +745,7 @@ def solver_step(model, solver):
     """The step function of --solver, checked against what the model predicts."""
     method = getattr(model, "method", "flow")  # part one's UNet is a flow model
     if solver not in SOLVERS[method]:
-        raise ValueError(f"a {method} model samples with {' or '.join(SOLVERS[method])}, not {solver}")
+        raise ValueError(f"a {method} model takes --solver {' or '.join(SOLVERS[method])}, not {solver}")
     return SOLVERS[method][solver]
 
 
@@ -787,7 +792,8 @@ class Autoguided(nn.Module):
 
 
 def guided(model, guide, guidance):
-    """The network and the classifier-free gamma to sample with: with a guide, autoguidance takes gamma."""
+    """The network to sample and the classifier-free guidance (cfg) to sample it with: the model at
+    `guidance`, or, with a guide, the autoguided model at cfg 1 (autoguidance takes `guidance`)."""
     return (model, guidance) if guide is None else (Autoguided(model, guide, guidance), 1.0)
 
 
@@ -799,17 +805,23 @@ def guided(model, guide, guidance):
 TEACHER = {"solver": "midpoint", "steps": 5, "guidance": 2.0}  # how the teacher draws the pairs
 
 
-def make_pairs(teacher, args, chunk=1000, batch=100):
+def show_progress(what, done, total, started):
+    """"what: done/total, eta" on stderr, rewritten in place and wiped when done (stdout keeps the tables)."""
+    line = f"{what}: {done}/{total}, eta {(time.time() - started) / done * (total - done):.0f}s"
+    print(line, end="\r" if done < total else "\r" + " " * len(line) + "\r", file=sys.stderr, flush=True)
+
+
+def make_pairs(teacher, args, per_file=1000, batch=100):
     """args.pairs pairs (x1, class, x0): noise x0 and the teacher's digit x1 from it, pair p of digit p % 10.
     Made 1,000 to a file in OUT/pairs and read back from there, so an interrupted run resumes where it
     stopped. x1 is kept as pixels (uint8) like MNIST's images, so that train_epoch reads both alike."""
     folder, device = os.path.join(args.out, "pairs"), next(teacher.parameters()).device
     os.makedirs(folder, exist_ok=True)
-    settings, chunks, made = {"teacher": args.reflow, "seed": args.seed, **TEACHER}, [], 0
+    settings, files, made, loaded = {"teacher": args.reflow, "seed": args.seed, **TEACHER}, [], 0, 0
     started = time.time()
-    for k in range(math.ceil(args.pairs / chunk)):
-        path, first, pairs = os.path.join(folder, f"pairs_{k:03d}.pt"), k * chunk, None
-        size = min(chunk, args.pairs - first)
+    for k in range(math.ceil(args.pairs / per_file)):
+        path, first, pairs = os.path.join(folder, f"pairs_{k:03d}.pt"), k * per_file, None
+        size = min(per_file, args.pairs - first)
         if os.path.exists(path):
             pairs = torch.load(path, map_location=device, weights_only=True)
             made_with = {key: pairs.get(key) for key in settings}
@@ -827,13 +839,13 @@ def make_pairs(teacher, args, chunk=1000, batch=100):
                 x0.append(trajectory[0].to(device))
                 x1.append(digits.clamp(0, 1).mul(255).round().byte().squeeze(1))
                 made += n
-                eta = (time.time() - started) / made * (args.pairs - j - n)
-                print(f"pairs: {j + n}/{args.pairs}, {made / (time.time() - started):.1f} pairs/s, "
-                      f"eta {eta:.0f}s", end="\r", file=sys.stderr)
+                show_progress("pairs made", made, args.pairs - loaded, started)
             pairs = {**settings, "x0": torch.cat(x0), "x1": torch.cat(x1), "labels": torch.cat(labels)}
             save_checkpoint(path, pairs)
-        chunks.append(pairs)
-    return [torch.cat([p[key] for p in chunks]) for key in ("x1", "labels", "x0")]
+        else:
+            loaded += size
+        files.append(pairs)
+    return [torch.cat([p[key] for p in files]) for key in ("x1", "labels", "x0")]
 
 
 def straightness(trajectory):
@@ -848,15 +860,16 @@ def straightness(trajectory):
 # the network's guess of the finished digit (for the exact field at gamma 1, E[x1 | x_t, c]).
 
 
-def figure(rows, row_labels, col_labels=None, title=None, scale=3):
-    """Rows of digits (each N x 1 x 28 x 28, all of one length) as one labelled PIL image."""
-    strips = [grid_image(row, nrow=len(row), scale=scale) for row in rows]
-    left, top = 150, 8 + 22 * (title is not None) + 20 * (col_labels is not None)
+def figure(rows, row_labels, col_labels=None, title=None, zoom=3, left=150):
+    """Rows of digits (each N x 1 x 28 x 28, all of one length) as one labelled PIL image, the row labels
+    in a column `left` pixels wide."""
+    strips = [grid_image(row, nrow=len(row), zoom=zoom) for row in rows]
+    top = 8 + 22 * (title is not None) + 20 * (col_labels is not None)
     img, draw = canvas(left + strips[0].width + 8, top + sum(s.height for s in strips) + 8)
     if title:
         draw.text((img.width / 2, 6), title, fill="black", anchor="mt")
     for i, label in enumerate(col_labels or []):  # centred over column i
-        draw.text((left + (2 + 30 * i + 14) * scale, top - 4), label, fill="black", anchor="mb")
+        draw.text((left + (2 + 30 * i + 14) * zoom, top - 4), label, fill="black", anchor="mb")
     for i, (strip, label) in enumerate(zip(strips, row_labels)):
         img.paste(strip, (left, top + i * strip.height))
         draw.text((left - 8, top + (i + 0.5) * strip.height), label, fill="black", anchor="rm")
@@ -895,7 +908,7 @@ def predictions_figure(model, args, times=8):
     title = (f"x_t and the network's guess x1_hat = x_t + (1 - t) u: Euler, {args.steps} steps"
              + (f", gamma {args.guidance:g}" if labels is not None else ""))
     distances = {i / args.steps: (x1_hat[i] - x1).square().mean().item() for i in picks}
-    return figure(rows, names, columns, title, scale=2), distances
+    return figure(rows, names, columns, title, zoom=2), distances
 
 
 @torch.inference_mode()
@@ -903,9 +916,9 @@ def guesses_from_noise(model, args, device, n=1000):
     """A table: the guess at t = 0, x1_hat = x0 + u(x0, 0, c), of n noises (n/10 for each digit c), against
     the exact field's: the class's mean training digit m_c (guided: m + gamma (m_c - m)), or the mean image
     m for c = 0 and time-only models. Mean squares per draw, and of the average draw of each digit."""
-    images, digits = load_mnist(args.data, device)
+    images, classes = load_mnist(args.data, device)  # the training digits and their classes
     x = images.unsqueeze(1).float() / 255
-    m, m_c = x.mean(0), torch.stack([x[digits == k].mean(0) for k in range(10)])  # 1 x 28 x 28, 10 x ...
+    m, m_c = x.mean(0), torch.stack([x[classes == k].mean(0) for k in range(10)])  # 1 x 28 x 28, 10 x ...
     labels = torch.arange(n, device=device) % 10
     x0 = torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(args.seed)).to(device)
     print(f"the guess at t = 0 of {n} noises, mean squares\n| guess | against | per draw | average draw |\n|"
@@ -922,15 +935,15 @@ def guesses_from_noise(model, args, device, n=1000):
     if model.num_classes:
         c, gamma = F.one_hot(labels, 10).float(), args.guidance
         row(f"c = digit, gamma {gamma:g}", "m_c" if gamma == 1 else "m + gamma (m_c - m)",
-            x0 + predict(model, x0, 0.0, c, gamma), m + gamma * (m_c[labels] - m))
-        row("c = 0", "m", x0 + predict(model, x0, 0.0, 0 * c), m.expand_as(x0))
+            x0 + model_output(model, x0, 0.0, c, gamma), m + gamma * (m_c[labels] - m))
+        row("c = 0", "m", x0 + model_output(model, x0, 0.0, 0 * c), m.expand_as(x0))
         j, k = torch.tensor([(j, k) for j in range(10) for k in range(10) if j != k], device=device).T
-        row("scale: a training digit", "m_c", x, m_c[digits], draws=False)
-        row("scale: another digit's mean", "m_c", m_c[j], m_c[k], draws=False)
+        row("reference: a training digit", "m_c", x, m_c[classes], draws=False)
+        row("reference: another digit's mean", "m_c", m_c[j], m_c[k], draws=False)
     else:
-        row("time-only", "m", x0 + predict(model, x0, 0.0), m.expand_as(x0))
-        row("scale: a training digit", "m", x, m.expand_as(x), draws=False)
-        row("scale: a digit's mean", "m", m_c, m.expand_as(m_c), draws=False)
+        row("time-only", "m", x0 + model_output(model, x0, 0.0), m.expand_as(x0))
+        row("reference: a training digit", "m", x, m.expand_as(x), draws=False)
+        row("reference: a digit's mean", "m", m_c, m.expand_as(m_c), draws=False)
 
 
 def inside_the_flow(model, args, device, out):
@@ -971,6 +984,7 @@ def load_classifier(root, device, epochs=3, batch_size=128):
             classifier.load_state_dict(saved["model"])
             print(f"classifier {path}: test accuracy {saved['accuracy']:.4f}", file=sys.stderr)
             return classifier.eval()
+    print(f"{CLASSIFIER} is missing: training a classifier for {cached}", file=sys.stderr)
     (x_all, y_all), (x_test, y_test) = load_mnist(root, device), load_mnist(root, device, train=False)
     started, batches = time.time(), len(x_all) // batch_size
     optimizer = torch.optim.Adam(classifier.train().parameters(), lr=1e-3)
@@ -984,12 +998,10 @@ def load_classifier(root, device, epochs=3, batch_size=128):
             loss.backward()
             optimizer.step()
             scheduler.step()
-            if (step + 1) % 100 == 0:
-                print(f"\r{CLASSIFIER} is missing: training a classifier for {cached}, epoch "
-                      f"{epoch + 1}/{epochs}, step {step + 1}/{batches}, {time.time() - started:.0f}s",
-                      end="", file=sys.stderr)
+            if (step + 1) % 100 == 0 or step + 1 == batches:
+                show_progress("classifier steps", epoch * batches + step + 1, epochs * batches, started)
     accuracy = classify(classifier.eval(), x_test.unsqueeze(1) / 255, y_test)[0]
-    print(f"; test accuracy {accuracy:.4f}", file=sys.stderr)  # stdout keeps the table alone
+    print(f"classifier {cached}: test accuracy {accuracy:.4f}", file=sys.stderr)
     if accuracy < 0.99:
         raise ValueError(f"the classifier reached only {accuracy:.4f} test accuracy, too little to judge by")
     torch.save({"model": classifier.half().state_dict(), "accuracy": accuracy}, cached)  # as the shipped one
@@ -1025,19 +1037,25 @@ def frechet_distance(a, b):
             - 2 * sqrtm(root @ s_b @ root).trace()).item()
 
 
-def references(args, device, n):
-    """The classifier, its features of the 10,000 test digits, and the floor: the FD of n train digits."""
+def yardstick(args, device, n):
+    """A verdict on n digits, as the cells of a table row: accuracy (with labels) or entropy, confidence,
+    the FD to the classifier's features of the 10,000 test digits, and the floor, the FD of n train digits."""
     classifier = load_classifier(args.data, device)
     digits = lambda limit, train: load_mnist(args.data, device, limit, train)[0].unsqueeze(1) / 255
     real = classify(classifier, digits(None, False))[2]
-    return classifier, real, frechet_distance(classify(classifier, digits(n, True))[2], real)
+    floor = frechet_distance(classify(classifier, digits(n, True))[2], real)
+
+    def verdict(x, labels=None):
+        value, confidence, features = classify(classifier, x, labels)
+        return f"{value:.4f} | {confidence:.4f} | {frechet_distance(features, real):.2f} | {floor:.2f}"
+    return verdict
 
 
-def evaluate(model, args, device, sweep, guide=None, chunk=100):
+def evaluate(model, args, device, sweep, guide=None, batch=100):
     """Score args.evaluate samples: a table row for each solver, steps and guidance of the sweep; Euler
     rows also give the straightness of their paths."""
     n = args.evaluate
-    classifier, real, floor = references(args, device, n)
+    verdict = yardstick(args, device, n)
     labels = torch.arange(n, device=device) % 10 if model.num_classes else None  # n/10 of each digit
     measure = "accuracy" if model.num_classes else "entropy"
     print(f"{n} samples, seed {args.seed}; FD to the 10,000 test digits; floor: FD of {n} train digits\n"
@@ -1045,24 +1063,20 @@ def evaluate(model, args, device, sweep, guide=None, chunk=100):
           + " ---: |" * 10)
     guidances = sweep["guidance"] if model.num_classes or guide else ["-"]
     for solver, steps, guidance in itertools.product(sweep["solver"], sweep["steps"], guidances):
-        net, gamma = guided(model, guide, guidance if guidance != "-" else 1.0)
+        net, cfg = guided(model, guide, guidance if guidance != "-" else 1.0)
         started, xs, bends = time.time(), [], []
-        for i in range(0, n, chunk):  # in chunks: CPUs run them faster
+        for i in range(0, n, batch):  # in batches: CPUs run them faster
             trajectory = [] if solver == "euler" else None
             with autocast(device, args.amp):
-                xs.append(sample(net, min(chunk, n - i), None if labels is None else labels[i:i + chunk],
-                                 steps, gamma, args.seed + i, solver_step(model, solver), trajectory))
+                xs.append(sample(net, min(batch, n - i), None if labels is None else labels[i:i + batch],
+                                 steps, cfg, args.seed + i, solver_step(model, solver), trajectory))
             if trajectory is not None:
                 bends.append(straightness(trajectory) * len(xs[-1]) / n)
-            done = i + len(xs[-1])  # progress on stderr, the table on stdout
-            eta = (time.time() - started) / done * (n - done)
-            print(f"{solver}, {steps} steps: {done}/{n} samples, eta {eta:.0f}s", end="\r", file=sys.stderr)
-        value, confidence, features = classify(classifier, torch.cat(xs).clamp(0, 1), labels)
+            show_progress(f"{solver}, {steps} steps, samples", i + len(xs[-1]), n, started)
         nfe = steps * (2 if solver == "midpoint" else 1) * (2 if guide else 1)
         bent = f"{sum(bends):.4f}" if bends else "-"
-        print(f"| {solver} | {steps} | {nfe} | {guidance} | {value:.4f} | {confidence:.4f} | "
-              f"{frechet_distance(features, real):.2f} | {floor:.2f} | {bent} | "
-              f"{time.time() - started:.0f} |", flush=True)
+        print(f"| {solver} | {steps} | {nfe} | {guidance} | {verdict(torch.cat(xs).clamp(0, 1), labels)} | "
+              f"{bent} | {time.time() - started:.0f} |", flush=True)
 
 
 # --- scoring anyone's samples: a learner's own implementation on the same yardstick ---
@@ -1111,13 +1125,11 @@ def score_file(args, device):
     counts = None if labels is None else torch.bincount(labels, minlength=10)
     if counts is not None and counts.max() - counts.min() > max(1, n // 100):
         warn(f"the labels are unbalanced ({counts.tolist()}); --evaluate draws N/10 of each digit")
-    classifier, real, floor = references(args, device, n)
-    labels = None if labels is None else labels.to(device)
-    value, confidence, features = classify(classifier, x.to(device), labels)
+    verdict = yardstick(args, device, n)
     measure = "entropy" if labels is None else "accuracy"
     print(f"{n} digits from {args.score}; FD to the 10,000 test digits; floor: FD of {n} train digits\n"
           f"| {measure} | confidence | FD | floor |\n|" + " ---: |" * 4)
-    print(f"| {value:.4f} | {confidence:.4f} | {frechet_distance(features, real):.2f} | {floor:.2f} |")
+    print(f"| {verdict(x.to(device), None if labels is None else labels.to(device))} |")
 
 
 # --- the flow as a density: bits/dim of test digits ---------------------------
@@ -1141,7 +1153,7 @@ def divergence(model, x, t, c=None, probe=None):
     = I), or, without a probe, the exact trace, one product per pixel (784)."""
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
-        u = predict(model, x, t, c)
+        u = model_output(model, x, t, c)
         probes = [probe]
         if probe is None:  # one-hot images: each pixel in turn, in every image at once
             probes = [e.view(x[0].shape).expand_as(x) for e in torch.eye(x[0].numel(), device=x.device)]
@@ -1162,7 +1174,7 @@ def log_likelihood(model, x1, steps, solver="midpoint", c=None, probe=None, powe
         h = t - s  # a step back in time
         if solver == "midpoint":  # the slope and the divergence at the step's middle
             with torch.no_grad():
-                half = x - h / 2 * predict(model, x, t, c)
+                half = x - h / 2 * model_output(model, x, t, c)
             u, div = divergence(model, half, t - h / 2, c, probe)
         else:
             u, div = divergence(model, x, t, c, probe)
@@ -1178,15 +1190,14 @@ def bits_per_dim(log_p, dims=784):
     return -log_p / (dims * math.log(2)) + 8
 
 
-def likelihood(model, args, device, chunk=100):
+def likelihood(model, args, device, batch=100):
     """--likelihood: bits/dim of the first N test digits, (pixel + jitter) / 256 with the jitter and the
     probes drawn from the seed; a class model's density both by its c = 0 half and as p(x | c)."""
     n = args.likelihood
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32, not TF32
     if model.method != "flow":
         raise ValueError(f"--likelihood needs a flow model: {args.ckpt} is a {model.method} model")
-    if args.solver not in SOLVERS["flow"]:
-        raise ValueError(f"--likelihood integrates with euler or midpoint, not {args.solver}")
+    solver_step(model, args.solver)  # euler or midpoint, checked as for sampling
     if n > 10000:
         raise ValueError(f"--likelihood {n}: the test split has 10,000 digits")
     if not model.settings.get("dequantize"):
@@ -1199,27 +1210,25 @@ def likelihood(model, args, device, chunk=100):
     x1 = (images.unsqueeze(1).float() + jitter.to(device)) / 256
     densities = {"p(x)": None}
     if model.num_classes:
-        digits = F.one_hot(labels, 10).float()
-        densities = {"p(x), c = 0": 0 * digits, "p(x given c), c = its digit": digits}
+        one_hot = F.one_hot(labels, 10).float()
+        densities = {"p(x), c = 0": 0 * one_hot, "p(x given c), c = its digit": one_hot}
     nfe = args.steps * (2 if args.solver == "midpoint" else 1)
     print(f"{n} dequantized test digits, seed {args.seed}; {args.solver}, {args.steps} steps, NFE {nfe}\n"
           "| density | bits/dim | standard error | -log2 N(x0) / 784 | integral of div / (784 ln 2) | "
           "std of x0 | s |\n|" + " ---: |" * 7)
     for name, c in densities.items():
         started, terms = time.time(), []
-        for i in range(0, n, chunk):
-            part = slice(i, i + chunk)
+        for i in range(0, n, batch):
+            part = slice(i, i + batch)
             base, integral, x0 = log_likelihood(model, x1[part], args.steps, args.solver,
                                                 None if c is None else c[part], probes[part])
             terms.append(torch.stack([base, integral, x0.flatten(1).std(1)], 1).cpu())
-            done = i + len(base)
-            eta = (time.time() - started) / done * (n - done)
-            print(f"{name}: {done}/{n} digits, eta {eta:.0f}s", end="\r", file=sys.stderr)
+            show_progress(f"{name}, test digits", i + len(base), n, started)
         base, integral, spread = torch.cat(terms).T
-        bits, scale = bits_per_dim(base - integral), 784 * math.log(2)
+        bits, dims_ln2 = bits_per_dim(base - integral), 784 * math.log(2)  # nats / (784 ln 2): bits/dim
         error = f"{bits.std().item() / math.sqrt(n):.4f}" if n > 1 else "-"
-        print(f"| {name} | {bits.mean():.4f} | {error} | {-base.mean() / scale:.4f} | "
-              f"{integral.mean() / scale:.4f} | {spread.mean():.3f} | {time.time() - started:.0f} |",
+        print(f"| {name} | {bits.mean():.4f} | {error} | {-base.mean() / dims_ln2:.4f} | "
+              f"{integral.mean() / dims_ln2:.4f} | {spread.mean():.3f} | {time.time() - started:.0f} |",
               flush=True)
 
 
@@ -1229,18 +1238,14 @@ def likelihood(model, args, device, chunk=100):
 def sweep_figure(model, args, sweep, guide=None):
     """One row of ten digits (class: 0 to 9) for each solver, steps and guidance of the sweep, all from
     the same starting noise, so that rows differ only by those settings."""
-    labels, rows = torch.arange(10) if model.num_classes else None, []
+    labels, rows, names = torch.arange(10) if model.num_classes else None, [], []
     for solver, steps, guidance in itertools.product(*sweep.values()):
-        net, gamma = guided(model, guide, guidance)
+        net, cfg = guided(model, guide, guidance)
         with autocast(next(model.parameters()).device, args.amp):
-            x = sample(net, 10, labels, steps, gamma, args.seed, solver_step(model, solver))
-        name = f"{solver}, steps {steps}" + (f", gamma {guidance}" if labels is not None or guide else "")
-        rows.append((grid_image(x), name))
-    img, draw = canvas(210 + rows[0][0].width, len(rows) * rows[0][0].height)
-    for i, (row, label) in enumerate(rows):
-        img.paste(row, (210, i * row.height))
-        draw.text((200, (i + 0.5) * row.height), label, fill="black", anchor="rm")
-    return img
+            rows.append(sample(net, 10, labels, steps, cfg, args.seed, solver_step(model, solver)))
+        guided_by = f", gamma {guidance}" if labels is not None or guide else ""
+        names.append(f"{solver}, steps {steps}{guided_by}")
+    return figure(rows, names, zoom=2, left=210)
 
 
 def from_checkpoint(args, device, sweep):

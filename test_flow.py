@@ -973,17 +973,17 @@ def test_pair_making_resumes_to_the_same_pairs_and_refuses_others(tmp_path):
     teacher, calls = StraightFlow(0.05, 0.5), []
     teacher.register_forward_hook(lambda module, inputs, output: calls.append(len(inputs[0])))
     args = reflow_args(tmp_path, 250)
-    whole = flow.make_pairs(teacher, args, chunk=100, batch=50)
+    whole = flow.make_pairs(teacher, args, per_file=100, batch=50)
     assert sorted(os.listdir(tmp_path / "pairs")) == ["pairs_000.pt", "pairs_001.pt", "pairs_002.pt"]
     os.remove(tmp_path / "pairs" / "pairs_001.pt")  # the run was stopped while making it
     calls.clear()
-    again = flow.make_pairs(teacher, args, chunk=100, batch=50)
+    again = flow.make_pairs(teacher, args, per_file=100, batch=50)
     assert sum(calls) == 100 * 2 * 10  # only the missing 100 pairs: 5 midpoint steps, both guidance halves
     assert all(torch.equal(a, b) for a, b in zip(whole, again))
-    more = flow.make_pairs(teacher, reflow_args(tmp_path, 320), chunk=100, batch=50)  # a larger --pairs
+    more = flow.make_pairs(teacher, reflow_args(tmp_path, 320), per_file=100, batch=50)  # a larger --pairs
     assert all(torch.equal(a[:200], b[:200]) for a, b in zip(whole, more)) and len(more[0]) == 320
     with pytest.raises(ValueError, match="holds pairs made with"):
-        flow.make_pairs(teacher, reflow_args(tmp_path, 250, seed=4), chunk=100, batch=50)  # other noise
+        flow.make_pairs(teacher, reflow_args(tmp_path, 250, seed=4), per_file=100, batch=50)  # other noise
 
 
 @pytest.mark.parametrize("paired", [True, False])
@@ -1131,7 +1131,8 @@ def test_the_guess_from_noise_is_measured_against_the_class_means(mnist, num_cla
         assert rows[1][1].strip() == "m"
         assert float(rows[1][2]) == pytest.approx(m.square().mean().item(), abs=1e-4)
     spread = (x - (m_c[digits] if num_classes else m)).square().mean().item()
-    assert [cell.strip() for cell in rows[-2]] == ["scale: a training digit", against, f"{spread:.4f}", "-"]
+    reference = ["reference: a training digit", against, f"{spread:.4f}", "-"]
+    assert [cell.strip() for cell in rows[-2]] == reference
 
 
 def test_predictions_draw_the_path_and_the_guesses_of_a_checkpoint(class_run, mnist, tmp_path, capsys):
@@ -1203,7 +1204,7 @@ def test_evaluate_scores_the_samples_it_draws(class_run, mnist, capsys, monkeypa
     run_flow("--evaluate", 20, "--ckpt", ckpt, "--data", mnist, "--solver", "euler,midpoint",
              "--steps", "1,2", "--guidance", 3, "--device", "cpu")
     printed = capsys.readouterr()
-    assert printed.err.count("20/20 samples, eta 0s") == 4  # each row's progress, not in the table
+    assert printed.err.count("steps, samples: 20/20, eta 0s") == 4  # each row's progress, not in the table
     lines = printed.out.splitlines()
     assert "| accuracy | confidence | FD | floor |" in lines[1]
     rows = [line.strip("| ").split(" | ") for line in lines[3:]]
@@ -1404,7 +1405,7 @@ def test_likelihood_scores_dequantized_test_digits_by_both_halves_of_a_class_mod
     assert not (torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32)  # fp32 throughout
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     printed = capsys.readouterr()
-    assert "p(x given c), c = its digit: 3/3 digits, eta 0s" in printed.err
+    assert "p(x given c), c = its digit, test digits: 3/3, eta 0s" in printed.err
     assert "trained on pixel / 255, not --dequantize" in printed.err  # class_run was
     lines = printed.out.splitlines()
     assert "midpoint, 2 steps" in lines[0] and "NFE 4" in lines[0]
@@ -1434,7 +1435,7 @@ def test_likelihood_refuses_what_has_no_density(mnist, class_run, tmp_path, caps
                        (["--ckpt", tmp_path / "missing.pt"], "does not exist"),
                        (["--ckpt", ckpt, "--guidance", 2], "density of the unguided field"),
                        (["--ckpt", ckpt, "--steps", "10,20"], "density of the unguided field"),
-                       (["--ckpt", ckpt, "--solver", "ddim"], "integrates with euler or midpoint"),
+                       (["--ckpt", ckpt, "--solver", "ddim"], "takes --solver euler or midpoint, not ddim"),
                        (["--ckpt", ckpt, "--likelihood", 10001], "the test split has 10,000 digits")]:
         assert says in flow_error(capsys, "--likelihood", 5, "--data", mnist, *argv), argv
     assert "invalid positive int value" in flow_error(capsys, "--likelihood", 0, "--ckpt", ckpt)
@@ -1482,7 +1483,7 @@ def test_sample_only_sweep_writes_one_row_per_value(class_run, tmp_path):
              "--guidance", "0,1,5", "--out", tmp_path, "--device", "cpu")
     assert os.listdir(tmp_path) == ["sweep_guidance.png"]
     figure = Image.open(tmp_path / "sweep_guidance.png")
-    assert figure.height == 3 * 2 * 32  # three rows of 28-pixel digits with their 2-pixel border, enlarged 2x
+    assert figure.height == 8 + 3 * 2 * 32 + 8  # three rows of 28-pixel digits and 2-pixel borders, 2x, padded
 
 
 # --- speed -------------------------------------------------------------------------
