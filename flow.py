@@ -491,16 +491,9 @@ def parse(parser, argv=None):
         parser.error(f"--p-uncond must lie in [0, 1], got {args.p_uncond}")
     try:
         if args.resume:
-            ckpt = read_checkpoint(args.resume)
+            ckpt = take_flags(parser, argv, args, args.resume, TRAINING_FLAGS, "to resume")
             if "optimizer" not in ckpt:
                 raise ValueError(f"{args.resume} holds weights alone: resume from a run's ckpt.pt")
-            typed = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(TRAINING_FLAGS)))  # else None
-            for key in TRAINING_FLAGS:
-                old = ckpt["args"].get(key, parser.get_default(key))  # a flag newer than the checkpoint: off
-                if getattr(typed, key) not in (None, old):
-                    raise ValueError(f"{args.resume} was trained {as_typed(key, old)}, not "
-                                     f"{as_typed(key, getattr(typed, key))}: leave it out to resume")
-                setattr(args, key, old)
         device = pick_device(args.device)
         if args.amp and amp_problem(device):
             raise ValueError(f"--amp: {amp_problem(device)}; run without --amp (fp32)")
@@ -511,6 +504,20 @@ def parse(parser, argv=None):
         torch.set_float32_matmul_precision("high")  # TF32 matmuls, as cuDNN's convolutions already use
     torch.manual_seed(args.seed)
     return args, device
+
+
+def take_flags(parser, argv, args, path, keys, purpose):
+    """Set these flags of args to the values that the checkpoint at path was trained with (a flag newer
+    than it: the default, off), and return the checkpoint; a flag typed otherwise is a ValueError."""
+    ckpt = read_checkpoint(path)
+    typed = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(keys)))  # a flag not typed: None
+    for key in keys:
+        old = ckpt["args"].get(key, parser.get_default(key))
+        if getattr(typed, key) not in (None, old):
+            raise ValueError(f"{path} was trained {as_typed(key, old)}, not "
+                             f"{as_typed(key, getattr(typed, key))}: leave it out {purpose}")
+        setattr(args, key, old)
+    return ckpt
 
 
 def as_typed(key, value):
@@ -683,12 +690,10 @@ def keep_ema(optimizer, model, data, loss_fn, args):
 
 
 # --- DDPM on the same UNet: the assignment's optional extension, as its DDPM version had it ---
-# DDPM runs the other way, through noise levels: pure noise at level NOISE_LEVELS, the digit at level 0 (its
-# paper calls the level t; here t is always flow matching's time in [0, 1]). Its paper calls the digit x0; in
-# this file x1 is always the digit (x0 is flow matching's noise, which DDPM calls eps):
-# x = sqrt(a) x1 + sqrt(1 - a) eps, a = alpha_bar[level]. Both mix noise and data affinely; DDPM's mix is not
-# straight, and its UNet predicts the noise eps, not a velocity (what sample()'s steps follow is then
-# eps_theta, guided by the same mix).
+# DDPM runs the other way: pure noise at noise level NOISE_LEVELS, the digit at level 0 (its paper's t and x0;
+# here t is flow matching's time, x1 the digit, x0 the noise, which DDPM calls eps). x = sqrt(a) x1 +
+# sqrt(1 - a) eps with a = alpha_bar[level]: an affine mix like flow matching's, but not straight, and the
+# UNet predicts the noise eps, not a velocity: sample()'s steps then follow eps_theta, guided by the same mix.
 NOISE_LEVELS = 300  # the UNet sees level / NOISE_LEVELS
 
 
@@ -730,11 +735,11 @@ def ddpm_step(eps_theta, x, i, steps, ddim=False):
 # --- more solvers, and the UNet of any checkpoint ----------------------------
 
 
-def midpoint_step(u, x, i, steps):
+def midpoint_step(u_theta, x, i, steps):
     """Euler's step taken with the slope at its middle: 2 network calls, the error falling as 1/steps^2."""
     dt = 1.0 / steps
     t = i * dt
-    return x + dt * u(x + dt / 2 * u(x, t), t + dt / 2)
+    return x + dt * u_theta(x + dt / 2 * u_theta(x, t), t + dt / 2)
 
 
 SOLVERS = {"flow": {"euler": euler_step, "midpoint": midpoint_step},  # the first is the default
@@ -1324,9 +1329,7 @@ def train_beyond(args, device):
     if teacher and (teacher.method, teacher.num_classes) != ("flow", 10):
         kind = f"{teacher.method} model, {'class' if teacher.num_classes else 'time'}-conditioned"
         raise ValueError(f"--reflow needs a class-conditioned flow model: {args.reflow} is a {kind}")
-    for key in ("cond", "hidden", "sinusoidal_t", "time_every_block") if teacher else ():  # its UNet
-        setattr(args, key, teacher.settings.get(key, False))
-    args.out = args.out or default_out(args)  # named after the teacher's cond, not a typed one
+    args.out = args.out or default_out(args)
     if not args.benchmark:
         prepare_out(args)
     if teacher:
@@ -1383,7 +1386,7 @@ def main(argv=None):
     add("--dequantize", action="store_true", help="train on (pixel + U[0, 1)) / 256, for --likelihood "
         "(default: off)")
     add("--method", choices=["flow", "ddpm"], default="flow", help="flow matching or DDPM (default: flow)")
-    add("--reflow", metavar="CKPT", help="train on pairs drawn by this class flow model (default: off)")
+    add("--reflow", metavar="CKPT", help="fine-tune this class flow model on pairs it draws (default: off)")
     add("--pairs", type=positive(int), default=60000, metavar="N", help="reflow pairs (default: %(default)s)")
     add("--compile", action="store_true", help="torch.compile the UNet; slow to start (default: off)")
     group = parser.add_argument_group("beyond the assignment: sampling, scoring, no training")
@@ -1436,6 +1439,12 @@ def main(argv=None):
                      "a --guidance other than 1 or lists of settings")
     if args.predictions and (swept or args.autoguide):
         parser.error("--predictions draws one figure: not with --autoguide or lists of settings")
+    if args.reflow:  # the student starts as its teacher: the teacher's UNet
+        try:
+            take_flags(parser, argv, args, args.reflow, ["cond", "hidden", "sinusoidal_t", "time_every_block"],
+                       "for --reflow, whose student is the teacher's UNet")
+        except ValueError as e:
+            parser.error(str(e))
     part_one = vars(assignment_parser().parse_args([]))  # part one's flags, which part two leaves alone
     plain = all(value == parser.get_default(key) for key, value in vars(args).items() if key not in part_one)
     try:

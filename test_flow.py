@@ -1031,6 +1031,8 @@ def test_reflow_run_starts_from_the_teacher_and_samples_in_one_step_by_default(m
     start = dict(flow.load_checkpoint(teacher).named_parameters())
     moved = [(ckpt["model"][name] - value).abs().max().item() for name, value in start.items()]
     assert 0 < max(moved) < 0.01  # two Adam steps of 1e-3 from the teacher's weights, not from a new UNet
+    message = flow_error(capsys, "--reflow", teacher, "--hidden", 16, "--out", tmp_path / "wider", "--device", "cpu")
+    assert "was trained with --hidden 8, not with --hidden 16: leave it out for --reflow" in message
     calls = []
     monkeypatch.setattr(flow, "sample_grid", lambda model, args, *a: calls.append((args.steps, args.guidance))
                         or Image.new("L", (1, 1)))
