@@ -154,7 +154,7 @@ def euler_step(u_theta, x, i, steps):
 @torch.inference_mode()
 def sample(model, n, labels=None, steps=50, guidance=5.0, seed=0, step_fn=euler_step, trajectory=None):
     """n digits from noise x0 ~ N(0, I), `steps` steps of step_fn from t = 0 to 1 (Algorithm B.2). labels
-    (a LongTensor of digits) turns on classifier-free guidance of weight `guidance` (Algorithm B.4).
+    (a LongTensor of classes 0 to 9) turns on classifier-free guidance of weight `guidance` (Algorithm B.4).
     `trajectory`, if a list, receives x at t = 0, 1/steps, ..., 1, on the model's device."""
     was_training = model.training
     model.eval()  # BatchNorm uses its running statistics
@@ -218,8 +218,8 @@ def autocast(device, amp):
 
 
 def to_device(model, device):
-    """model on device, in channels-last memory, where convolutions run faster (1.2x on a CPU), but on MPS,
-    where BatchNorm computes wrong answers in it."""
+    """model on device, in channels-last memory, where convolutions run faster, but on MPS, where BatchNorm
+    computes wrong answers in it."""
     model = model.to(device)
     return model if torch.device(device).type == "mps" else model.to(memory_format=torch.channels_last)
 
@@ -921,9 +921,9 @@ def guesses_from_noise(model, args, device, n=1000):
     """A table: the guess at t = 0, x1_hat = x0 + u(x0, 0, c), of n noises (n/10 for each digit c), against
     the exact field's: the class's mean training digit m_c (guided: m + gamma (m_c - m)), or the mean image
     m for c = 0 and time-only models. Mean squares per draw, and of the average draw of each digit."""
-    images, classes = load_mnist(args.data, device)  # the training digits and their classes
+    images, train_labels = load_mnist(args.data, device)
     x = images.unsqueeze(1).float() / 255
-    m, m_c = x.mean(0), torch.stack([x[classes == k].mean(0) for k in range(10)])  # 1 x 28 x 28, 10 x ...
+    m, m_c = x.mean(0), torch.stack([x[train_labels == k].mean(0) for k in range(10)])  # 1 x 28 x 28, 10 x ...
     labels = torch.arange(n, device=device) % 10
     x0 = torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(args.seed)).to(device)
     print(f"the guess at t = 0 of {n} noises, mean squares\n| guess | against | per draw | average draw |\n|"
@@ -943,7 +943,7 @@ def guesses_from_noise(model, args, device, n=1000):
             x0 + model_output(model, x0, 0.0, c, gamma), m + gamma * (m_c[labels] - m))
         row("c = 0", "m", x0 + model_output(model, x0, 0.0, 0 * c), m.expand_as(x0))
         j, k = torch.tensor([(j, k) for j in range(10) for k in range(10) if j != k], device=device).T
-        row("reference: a training digit", "m_c", x, m_c[classes], draws=False)
+        row("reference: a training digit", "m_c", x, m_c[train_labels], draws=False)
         row("reference: another digit's mean", "m_c", m_c[j], m_c[k], draws=False)
     else:
         row("time-only", "m", x0 + model_output(model, x0, 0.0), m.expand_as(x0))
