@@ -466,7 +466,8 @@ def assignment_parser():
         help="Adam's, times 0.1 ** (1 / epochs) after each epoch (default: %(default)s)")
     add("--limit", type=positive(int), metavar="N", help="train on the first N images (default: all 60,000)")
     add("--steps", type=positive(int), metavar="N", help="Euler steps of a grid (default: 50; class 300)")
-    add("--guidance", type=float, default=5.0, metavar="G", help="Alg. B.4's gamma (default: %(default)s)")
+    add("--guidance", type=float, default=5.0, metavar="G",
+        help="Alg. B.4's gamma, for --cond class (default: %(default)s)")
     add("--sample-epochs", type=number_list(positive(int)), default="1,5,10", metavar="LIST",
         help="epochs with a sample grid, and the last (default: %(default)s)")
     add("--gif", action="store_true", help="also write sampling.gif, the last grid's sampling (default: off)")
@@ -923,7 +924,8 @@ def guesses_from_noise(model, args, device, n=1000):
     m for c = 0 and time-only models. Mean squares per draw, and of the average draw of each digit."""
     images, train_labels = load_mnist(args.data, device)
     x = images.unsqueeze(1).float() / 255
-    m, m_c = x.mean(0), torch.stack([x[train_labels == k].mean(0) for k in range(10)])  # 1 x 28 x 28, 10 x ...
+    m = x.mean(0)  # the mean training image, 1 x 28 x 28
+    m_c = torch.stack([x[train_labels == k].mean(0) for k in range(10)])  # each class's, 10 x 1 x 28 x 28
     labels = torch.arange(n, device=device) % 10
     x0 = torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(args.seed)).to(device)
     print(f"the guess at t = 0 of {n} noises, mean squares\n| guess | against | per draw | average draw |\n|"
@@ -1439,10 +1441,10 @@ def main(argv=None):
                      "a --guidance other than 1 or lists of settings")
     if args.predictions and (swept or args.autoguide):
         parser.error("--predictions draws one figure: not with --autoguide or lists of settings")
-    if args.reflow:  # the student starts as its teacher: the teacher's UNet
+    if args.reflow:  # the student starts as its teacher: the teacher's UNet, not one of other flags
         try:
-            take_flags(parser, argv, args, args.reflow, ["cond", "hidden", "sinusoidal_t", "time_every_block"],
-                       "for --reflow, whose student is the teacher's UNet")
+            unet = ["cond", "hidden", "sinusoidal_t", "time_every_block"]
+            take_flags(parser, argv, args, args.reflow, unet, "for --reflow")
         except ValueError as e:
             parser.error(str(e))
     part_one = vars(assignment_parser().parse_args([]))  # part one's flags, which part two leaves alone

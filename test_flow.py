@@ -1031,7 +1031,7 @@ def test_reflow_run_starts_from_the_teacher_and_samples_in_one_step_by_default(m
     start = dict(flow.load_checkpoint(teacher).named_parameters())
     moved = [(ckpt["model"][name] - value).abs().max().item() for name, value in start.items()]
     assert 0 < max(moved) < 0.01  # two Adam steps of 1e-3 from the teacher's weights, not from a new UNet
-    message = flow_error(capsys, "--reflow", teacher, "--hidden", 16, "--out", tmp_path / "wider", "--device", "cpu")
+    message = flow_error(capsys, "--reflow", teacher, "--hidden", 16, "--out", tmp_path, "--device", "cpu")
     assert "was trained with --hidden 8, not with --hidden 16: leave it out for --reflow" in message
     calls = []
     monkeypatch.setattr(flow, "sample_grid", lambda model, args, *a: calls.append((args.steps, args.guidance))
@@ -1485,7 +1485,7 @@ def test_sample_only_sweep_writes_one_row_per_value(class_run, tmp_path):
              "--guidance", "0,1,5", "--out", tmp_path, "--device", "cpu")
     assert os.listdir(tmp_path) == ["sweep_guidance.png"]
     figure = Image.open(tmp_path / "sweep_guidance.png")
-    assert figure.height == 8 + 3 * 2 * 32 + 8  # three rows of 28-pixel digits and 2-pixel borders, 2x, padded
+    assert figure.height == 8 + 3 * 2 * 32 + 8  # 3 rows of 28-pixel digits with 2-pixel borders, 2x, margins
 
 
 # --- speed -------------------------------------------------------------------------
