@@ -812,7 +812,8 @@ TEACHER = {"solver": "midpoint", "steps": 5, "guidance": 2.0}  # how the teacher
 
 
 def show_progress(what, done, total, started):
-    """"what: done/total, eta" on stderr, rewritten in place and wiped when done (stdout keeps the tables)."""
+    """A progress line, "what: done/total, eta", on stderr (stdout keeps the tables): rewritten in place,
+    wiped when done."""
     line = f"{what}: {done}/{total}, eta {(time.time() - started) / done * (total - done):.0f}s"
     print(line, end="\r" if done < total else "\r" + " " * len(line) + "\r", file=sys.stderr, flush=True)
 
@@ -1428,9 +1429,9 @@ def main(argv=None):
         parser.error("lists of --solver, --steps or --guidance are for --sample-only and --evaluate")
     if args.autoguide and not no_training:
         parser.error("--autoguide is for --sample-only and --evaluate")
-    if args.reflow and (no_training or args.method == "ddpm" or args.limit):
-        parser.error("--reflow trains a flow model on --pairs pairs: not with --method ddpm, --limit or a "
-                     "no-training mode")
+    if args.reflow and (no_training or args.method == "ddpm" or args.limit or args.benchmark):
+        parser.error("--reflow trains a flow model on --pairs pairs: not with --method ddpm, --limit, "
+                     "--benchmark or a no-training mode")
     if args.reflow and args.pairs < args.batch_size:
         parser.error(f"--pairs {args.pairs} is less than --batch-size {args.batch_size}: raise --pairs")
     if args.gif and (swept or args.evaluate or args.predictions or args.likelihood or args.score):
@@ -1441,7 +1442,7 @@ def main(argv=None):
                      "a --guidance other than 1 or lists of settings")
     if args.predictions and (swept or args.autoguide):
         parser.error("--predictions draws one figure: not with --autoguide or lists of settings")
-    if args.reflow:  # the student starts as its teacher: the teacher's UNet, not one of other flags
+    if args.reflow:  # the student starts as its teacher, so its UNet's flags are the teacher's
         try:
             unet = ["cond", "hidden", "sinusoidal_t", "time_every_block"]
             take_flags(parser, argv, args, args.reflow, unet, "for --reflow")

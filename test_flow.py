@@ -1521,6 +1521,7 @@ def test_benchmark_reports_speed_and_writes_nothing(mnist, tmp_path, capsys, mon
     (["--benchmark", "--sample-only"], "not allowed with argument --benchmark"),
     (["--score", "mine.pt", "--gif"], "--gif animates one grid"),
     (["--reflow", "teacher.pt", "--limit", "500"], "--reflow trains a flow model on --pairs pairs"),
+    (["--reflow", "teacher.pt", "--benchmark"], "not with --method ddpm, --limit, --benchmark"),
     (["--reflow", "teacher.pt", "--pairs", "10"], "--pairs 10 is less than --batch-size 64: raise --pairs"),
 ])
 def test_bad_flags_are_refused(capsys, argv, says):
