@@ -323,7 +323,7 @@ def canvas(width, height):
     return img, draw
 
 
-def plot_loss(losses, steps_per_epoch, path, title):
+def plot_loss(losses, batches, path, title):
     """Per-step loss (grey) and its running mean (black) on a log y axis, epochs apart in blue."""
     W, H, pad = 720, 420, 60
     img, draw = canvas(W, H)
@@ -335,16 +335,16 @@ def plot_loss(losses, steps_per_epoch, path, title):
         draw.line([(pad, py(y)), (W - pad, py(y))], fill=(190,) * 3 if y == int(y) else (225,) * 3)
         if y == int(y) or hi - lo <= 2:
             draw.text((pad - 8, py(y)), f"{10 ** y:g}", fill="black", anchor="rm")
-    for k in range(math.ceil(n / steps_per_epoch)):  # epoch k + 1 labelled mid-span
-        draw.line([(px(k * steps_per_epoch), pad), (px(k * steps_per_epoch), H - pad)], fill=(180, 180, 230))
-        draw.text((px((k + 0.5) * steps_per_epoch), H - pad + 6), str(k + 1), fill="black", anchor="mt")
+    for k in range(math.ceil(n / batches)):  # epoch k + 1 labelled mid-span
+        draw.line([(px(k * batches), pad), (px(k * batches), H - pad)], fill=(180, 180, 230))
+        draw.text((px((k + 0.5) * batches), H - pad + 6), str(k + 1), fill="black", anchor="mt")
     window = max(1, n // 50)
     smooth = [sum(losses[max(0, i - window + 1):i + 1]) / min(i + 1, window) for i in range(n)]
     draw.line([(px(i), py(v)) for i, v in enumerate(logs)], fill=(170, 170, 170))
     draw.line([(px(i), py(math.log10(max(v, 1e-12)))) for i, v in enumerate(smooth)], fill="black", width=2)
     draw.rectangle([pad, pad, W - pad, H - pad], outline="black")
     draw.text((W / 2, 20), title, fill="black", anchor="mm")
-    draw.text((W / 2, H - 20), f"epoch ({steps_per_epoch} steps each, {n} in all); loss on a log scale",
+    draw.text((W / 2, H - 20), f"epoch ({batches} steps each, {n} in all); loss on a log scale",
               fill="black", anchor="mm")
     img.save(path)
 

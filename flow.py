@@ -4,10 +4,11 @@ Flow matching on MNIST, from scratch, in one file.
 A UNet u_theta(x_t, t, c) learns the velocity of straight paths from Gaussian noise x0 to digits x1:
 x_t = (1 - t) x0 + t x1 moves at u = x1 - x0 (eq. B.3, B.4), so training is plain regression (eq.
 B.5). Sampling integrates dx/dt = u_theta from t = 0 (noise) to t = 1 (a digit) with Euler steps;
-with classes, classifier-free guidance mixes the conditional and unconditional velocities. Part one
-below is the course assignment, a complete program read top to bottom (cut at its banner, its entry
-assignment() runs it); part two, after the banner "beyond the assignment", adds what goes further,
-each in a section of its own, and main(), which hands plain runs to part one.
+with classes, classifier-free guidance mixes the conditional and unconditional velocities. The code
+first tells the course assignment (its Part 2; Part 1 is denoise.py), a complete program read top to
+bottom: cut at the banner "beyond the assignment", its entry assignment() runs it. Below the banner,
+each section adds what goes further, and main() hands the runs that use the assignment's flags alone to
+the assignment's run().
 
     python flow.py --sample-only --ckpt samples/flow_class/model.pt --steps 10 --guidance 2   # seconds
     python flow.py --cond class --epochs 10    # the assignment's run, 4 of each digit -> runs/flow_class
@@ -145,31 +146,34 @@ def model_output(model, x, t, c=None, guidance=1.0):
     return u_uncond + guidance * (u_cond - u_uncond)
 
 
-def euler_step(u_theta, x, i, steps):
-    """Step i of Algorithm B.2: x <- x + (1/T) u_theta(x, i/T), with T = steps and u_theta(x, t) the field."""
+def euler_step(field, x, i, steps):
+    """Step i of Algorithm B.2: x <- x + (1/T) u_theta(x, i/T), with T = steps; field(x, t) gives u_theta,
+    guided (Algorithm B.4) or not."""
     dt = 1.0 / steps
-    return x + dt * u_theta(x, i * dt)
+    return x + dt * field(x, i * dt)
 
 
 @torch.inference_mode()
-def sample(model, n, labels=None, steps=50, guidance=5.0, seed=0, step_fn=euler_step, trajectory=None):
+def sample(model, n, labels=None, steps=50, guidance=5.0, seed=0, step_fn=euler_step, trajectory=None,
+           amp=False):
     """n digits from noise x0 ~ N(0, I), `steps` steps of step_fn from t = 0 to 1 (Algorithm B.2). labels
     (a LongTensor of classes 0 to 9) turns on classifier-free guidance of weight `guidance` (Algorithm B.4).
-    `trajectory`, if a list, receives x at t = 0, 1/steps, ..., 1, on the model's device."""
+    `trajectory`, if a list, receives x at t = 0, 1/steps, ..., 1, on the model's device. amp: the network
+    runs under --amp's autocast (below)."""
     was_training = model.training
     model.eval()  # BatchNorm uses its running statistics
     device = next(model.parameters()).device
     c = None if labels is None else F.one_hot(labels.to(device), model.num_classes).float()
-    u_theta = lambda x, t: model_output(model, x, t, c, guidance)  # the field that the steps follow
+    field = lambda x, t: model_output(model, x, t, c, guidance)  # what the steps follow
     # the noise comes from the CPU's random stream, seeded and forked: the seed draws the same digits on
     # every device, and training's streams are left where they were
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), autocast(device, amp):
         torch.manual_seed(seed)
         x = torch.randn(n, 1, 28, 28).to(device)  # x0
         for i in range(steps):
             if trajectory is not None:
                 trajectory.append(x)
-            x = step_fn(u_theta, x, i, steps)
+            x = step_fn(field, x, i, steps)
     if trajectory is not None:
         trajectory.append(x)
     model.train(was_training)
@@ -339,9 +343,8 @@ def grid_image(x, nrow=10, zoom=2):
 def sample_grid(model, args, trajectory=None, step_fn=euler_step):
     """The assignment's figure: 40 digits; with classes, column k holds 4 samples of digit k."""
     labels = torch.arange(10).repeat(4) if model.num_classes else None
-    with autocast(next(model.parameters()).device, args.amp):
-        x = sample(model, 40, labels, args.steps, args.guidance, args.seed, step_fn, trajectory)
-    return grid_image(x)
+    return grid_image(sample(model, 40, labels, args.steps, args.guidance, args.seed, step_fn, trajectory,
+                             args.amp))
 
 
 def save_gif(path, frames, num_frames=40):
@@ -361,7 +364,7 @@ def canvas(width, height):
     return img, draw
 
 
-def plot_loss(losses, steps_per_epoch, path, title):
+def plot_loss(losses, batches, path, title):
     """Per-step loss (grey) and its running mean (black) on a log y axis, epochs apart in blue."""
     W, H, pad = 720, 420, 60
     img, draw = canvas(W, H)
@@ -373,16 +376,16 @@ def plot_loss(losses, steps_per_epoch, path, title):
         draw.line([(pad, py(y)), (W - pad, py(y))], fill=(190,) * 3 if y == int(y) else (225,) * 3)
         if y == int(y) or hi - lo <= 2:
             draw.text((pad - 8, py(y)), f"{10 ** y:g}", fill="black", anchor="rm")
-    for k in range(math.ceil(n / steps_per_epoch)):  # epoch k + 1 labelled mid-span
-        draw.line([(px(k * steps_per_epoch), pad), (px(k * steps_per_epoch), H - pad)], fill=(180, 180, 230))
-        draw.text((px((k + 0.5) * steps_per_epoch), H - pad + 6), str(k + 1), fill="black", anchor="mt")
+    for k in range(math.ceil(n / batches)):  # epoch k + 1 labelled mid-span
+        draw.line([(px(k * batches), pad), (px(k * batches), H - pad)], fill=(180, 180, 230))
+        draw.text((px((k + 0.5) * batches), H - pad + 6), str(k + 1), fill="black", anchor="mt")
     window = max(1, n // 50)
     smooth = [sum(losses[max(0, i - window + 1):i + 1]) / min(i + 1, window) for i in range(n)]
     draw.line([(px(i), py(v)) for i, v in enumerate(logs)], fill=(170, 170, 170))
     draw.line([(px(i), py(math.log10(max(v, 1e-12)))) for i, v in enumerate(smooth)], fill="black", width=2)
     draw.rectangle([pad, pad, W - pad, H - pad], outline="black")
     draw.text((W / 2, 20), title, fill="black", anchor="mm")
-    draw.text((W / 2, H - 20), f"epoch ({steps_per_epoch} steps each, {n} in all); loss on a log scale",
+    draw.text((W / 2, H - 20), f"epoch ({batches} steps each, {n} in all); loss on a log scale",
               fill="black", anchor="mm")
     img.save(path)
 
@@ -434,22 +437,22 @@ TRAINING_FLAGS = ["cond", "hidden", "p_uncond", "batch_size", "epochs", "lr", "l
 
 def positive(kind):
     """An argparse type: a number of `kind` (int or float) above 0."""
-    def parse(text):
+    def convert(text):
         if not kind(text) > 0:  # argparse turns a ValueError into "invalid positive int value: '0'"
             raise ValueError(text)
         return kind(text)
-    parse.__name__ = f"positive {kind.__name__}"
-    return parse
+    convert.__name__ = f"positive {kind.__name__}"
+    return convert
 
 
 def number_list(kind):
     """An argparse type: '1,5,10' -> [1, 5, 10], each value made and checked by kind."""
-    def parse(text):
+    def convert(text):
         try:
             return [kind(v) for v in text.split(",")]
         except (ValueError, argparse.ArgumentTypeError):
             raise argparse.ArgumentTypeError(f"expected comma-separated values, got {text!r}") from None
-    return parse
+    return convert
 
 
 def assignment_parser():
@@ -571,7 +574,7 @@ def assignment(argv=None):
 
 
 # ============================== beyond the assignment ==============================
-# Part two: each section builds on part one's functions. main() at the end wires both.
+# Each section builds on the assignment's functions above. main() at the end wires both halves.
 
 # --- better time input: sin and cos of t, and t in every block (opt-in) ------
 # The assignment's UNet sees t raw, in two places. --sinusoidal-t feeds its FCBlocks sin and cos of t at 16
@@ -666,7 +669,7 @@ def measure_batchnorm(ema, loss_fn, data, args, batches=20, batch_size=256):
 def keep_ema(optimizer, model, data, loss_fn, args):
     """A copy of model that the optimizer keeps as the average of model's weights: updated after each of its
     steps, its BatchNorm statistics measured after each epoch's last, saved and resumed in the optimizer's
-    state_dict (PyTorch's optimizer hooks), so part one's loop and checkpoints stay as they are."""
+    state_dict (PyTorch's optimizer hooks), so the assignment's loop and checkpoints stay as they are."""
     ema, updates, batches = copy.deepcopy(model).requires_grad_(False), 0, len(data[0]) // args.batch_size
 
     def after_step(optimizer, *_):
@@ -690,12 +693,14 @@ def keep_ema(optimizer, model, data, loss_fn, args):
     return ema
 
 
-# --- DDPM on the same UNet: the assignment's optional extension, as its DDPM version had it ---
-# DDPM runs the other way: pure noise at noise level NOISE_LEVELS, the digit at level 0 (its paper's t and x0;
-# here t is flow matching's time, x1 the digit, x0 the noise, which DDPM calls eps). x = sqrt(a) x1 +
-# sqrt(1 - a) eps with a = alpha_bar[level]: an affine mix like flow matching's, but not straight, and the
-# UNet predicts the noise eps, not a velocity: sample()'s steps then follow eps_theta, guided by the same mix.
-NOISE_LEVELS = 300  # the UNet sees level / NOISE_LEVELS
+# --- DDPM on the same UNet: the assignment's optional extension, as the course's earlier DDPM version had it
+# DDPM runs the other way, from noise level NOISE_LEVELS (pure noise) down to 0 (the digit): its paper's t.
+# The UNet's time input is level / NOISE_LEVELS, so there 1 is noise, where flow matching's t = 1 is the
+# digit. Its paper calls the digit x0; here x1 is always the digit, and the noise is eps, as there.
+# x = sqrt(a) x1 + sqrt(1 - a) eps with a = alpha_bar[level]: an affine mix like flow matching's, but not
+# straight, and the UNet predicts the noise eps, not a velocity. sample() runs ddpm_step as it runs
+# euler_step, step i of `steps`, which ddpm_step maps to noise levels; its field is then eps_theta.
+NOISE_LEVELS = 300
 
 
 @functools.cache  # made once per device, not at every training or sampling step
@@ -730,17 +735,18 @@ def ddpm_step(eps_theta, x, i, steps, ddim=False):
         return a_next.sqrt() * x1_hat + (1 - a_next).sqrt() * eps
     beta = 1 - a / a_next  # the level's own beta when the next is one lower, as with the default 300 steps
     z = torch.randn(x.shape).to(x.device) if next_level > 0 else 0  # from sample()'s seeded CPU stream
+    # the mean of x at the next level given x and x1_hat (the posterior q), plus that posterior's noise
     return (a_next.sqrt() * beta * x1_hat + (1 - beta).sqrt() * (1 - a_next) * x) / (1 - a) + beta.sqrt() * z
 
 
 # --- more solvers, and the UNet of any checkpoint ----------------------------
 
 
-def midpoint_step(u_theta, x, i, steps):
+def midpoint_step(field, x, i, steps):
     """Euler's step taken with the slope at its middle: 2 network calls, the error falling as 1/steps^2."""
     dt = 1.0 / steps
     t = i * dt
-    return x + dt * u_theta(x + dt / 2 * u_theta(x, t), t + dt / 2)
+    return x + dt * field(x + dt / 2 * field(x, t), t + dt / 2)
 
 
 SOLVERS = {"flow": {"euler": euler_step, "midpoint": midpoint_step},  # the first is the default
@@ -749,7 +755,7 @@ SOLVERS = {"flow": {"euler": euler_step, "midpoint": midpoint_step},  # the firs
 
 def solver_step(model, solver):
     """The step function of --solver, checked against what the model predicts."""
-    method = getattr(model, "method", "flow")  # part one's UNet is a flow model
+    method = getattr(model, "method", "flow")  # the assignment's UNet is a flow model
     if solver not in SOLVERS[method]:
         raise ValueError(f"a {method} model takes --solver {' or '.join(SOLVERS[method])}, not {solver}")
     return SOLVERS[method][solver]
@@ -798,8 +804,8 @@ class Autoguided(nn.Module):
 
 
 def guided(model, guide, guidance):
-    """The network to sample and the classifier-free guidance (cfg) to sample it with: the model at
-    `guidance`, or, with a guide, the autoguided model at cfg 1 (autoguidance takes `guidance`)."""
+    """The network to sample, and the classifier-free guidance to sample it with: the model and
+    `guidance`, or, with a guide, the autoguided model, which applies `guidance` itself, and 1."""
     return (model, guidance) if guide is None else (Autoguided(model, guide, guidance), 1.0)
 
 
@@ -818,36 +824,36 @@ def show_progress(what, done, total, started):
     print(line, end="\r" if done < total else "\r" + " " * len(line) + "\r", file=sys.stderr, flush=True)
 
 
-def make_pairs(teacher, args, per_file=1000, batch=100):
+def make_pairs(teacher, args, per_file=1000, batch_size=100):
     """args.pairs pairs (x1, class, x0): noise x0 and the teacher's digit x1 from it, pair p of digit p % 10.
     Made 1,000 to a file in OUT/pairs and read back from there, so an interrupted run resumes where it
     stopped. x1 is kept as pixels (uint8) like MNIST's images, so that train_epoch reads both alike."""
     folder, device = os.path.join(args.out, "pairs"), next(teacher.parameters()).device
     os.makedirs(folder, exist_ok=True)
-    settings, files, made, loaded = {"teacher": args.reflow, "seed": args.seed, **TEACHER}, [], 0, 0
+    recipe, files, made, loaded = {"teacher": args.reflow, "seed": args.seed, **TEACHER}, [], 0, 0
     started = time.time()
     for k in range(math.ceil(args.pairs / per_file)):
         path, first, pairs = os.path.join(folder, f"pairs_{k:03d}.pt"), k * per_file, None
         size = min(per_file, args.pairs - first)
         if os.path.exists(path):
             pairs = torch.load(path, map_location=device, weights_only=True)
-            made_with = {key: pairs.get(key) for key in settings}
-            if made_with != settings:
-                raise ValueError(f"{path} holds pairs made with {made_with}, not {settings}: "
+            made_with = {key: pairs.get(key) for key in recipe}
+            if made_with != recipe:
+                raise ValueError(f"{path} holds pairs made with {made_with}, not {recipe}: "
                                  "choose another --out")
         if pairs is None or len(pairs["labels"]) != size:  # missing, or made for another --pairs
             x0, x1, labels = [], [], []
-            for j in range(first, first + size, batch):  # seeds apart from the ones --evaluate uses
-                n, trajectory, seed = min(batch, first + size - j), [], args.seed + 10 ** 6 + j // batch
+            for j in range(first, first + size, batch_size):  # seeds apart from the ones --evaluate uses
+                n, trajectory = min(batch_size, first + size - j), []
+                seed = args.seed + 10 ** 6 + j // batch_size
                 labels.append(torch.arange(j, j + n, device=device) % 10)
-                with autocast(device, args.amp):
-                    digits = sample(teacher, n, labels[-1], TEACHER["steps"], TEACHER["guidance"], seed,
-                                    SOLVERS["flow"][TEACHER["solver"]], trajectory)
+                digits = sample(teacher, n, labels[-1], TEACHER["steps"], TEACHER["guidance"], seed,
+                                SOLVERS["flow"][TEACHER["solver"]], trajectory, args.amp)
                 x0.append(trajectory[0].to(device))
                 x1.append(digits.clamp(0, 1).mul(255).round().byte().squeeze(1))
                 made += n
                 show_progress("pairs made", made, args.pairs - loaded, started)
-            pairs = {**settings, "x0": torch.cat(x0), "x1": torch.cat(x1), "labels": torch.cat(labels)}
+            pairs = {**recipe, "x0": torch.cat(x0), "x1": torch.cat(x1), "labels": torch.cat(labels)}
             save_checkpoint(path, pairs)
         else:
             loaded += size
@@ -904,8 +910,7 @@ def predictions_figure(model, args, times=8):
     """Ten Euler samples (class: digits 0 to 9), a row each: x_t beside x1_hat at `times` times from t = 0,
     then the sample. Also, for each time shown, the mean square from x1_hat then to the sample."""
     labels, trajectory = torch.arange(10) if model.num_classes else None, []
-    with autocast(next(model.parameters()).device, args.amp):
-        sample(model, 10, labels, args.steps, args.guidance, args.seed, euler_step, trajectory)
+    sample(model, 10, labels, args.steps, args.guidance, args.seed, euler_step, trajectory, args.amp)
     x1_hat, x1 = guesses(trajectory), trajectory[-1]
     picks = [round(k * args.steps / times) for k in range(times)]  # the steps shown
     rows = [torch.stack([x[n] for i in picks for x in (trajectory[i], x1_hat[i])] + [x1[n]])
@@ -1059,7 +1064,7 @@ def yardstick(args, device, n):
     return verdict
 
 
-def evaluate(model, args, device, sweep, guide=None, batch=100):
+def evaluate(model, args, device, sweep, guide=None, batch_size=100):
     """Score args.evaluate samples: a table row for each solver, steps and guidance of the sweep; Euler
     rows also give the straightness of their paths."""
     n = args.evaluate
@@ -1071,13 +1076,13 @@ def evaluate(model, args, device, sweep, guide=None, batch=100):
           + " ---: |" * 10)
     guidances = sweep["guidance"] if model.num_classes or guide else ["-"]
     for solver, steps, guidance in itertools.product(sweep["solver"], sweep["steps"], guidances):
-        net, cfg = guided(model, guide, guidance if guidance != "-" else 1.0)
+        net, net_guidance = guided(model, guide, guidance if guidance != "-" else 1.0)
         started, xs, bends = time.time(), [], []
-        for i in range(0, n, batch):  # in batches: CPUs run them faster
+        for i in range(0, n, batch_size):  # in batches: CPUs run them faster
             trajectory = [] if solver == "euler" else None
-            with autocast(device, args.amp):
-                xs.append(sample(net, min(batch, n - i), None if labels is None else labels[i:i + batch],
-                                 steps, cfg, args.seed + i, solver_step(model, solver), trajectory))
+            asked = None if labels is None else labels[i:i + batch_size]  # the digits of this batch
+            xs.append(sample(net, min(batch_size, n - i), asked, steps, net_guidance, args.seed + i,
+                             solver_step(model, solver), trajectory, args.amp))
             if trajectory is not None:
                 bends.append(straightness(trajectory) * len(xs[-1]) / n)
             show_progress(f"{solver}, {steps} steps, samples", i + len(xs[-1]), n, started)
@@ -1198,7 +1203,7 @@ def bits_per_dim(log_p, dims=784):
     return -log_p / (dims * math.log(2)) + 8
 
 
-def likelihood(model, args, device, batch=100):
+def likelihood(model, args, device, batch_size=100):
     """--likelihood: bits/dim of the first N test digits, (pixel + jitter) / 256 with the jitter and the
     probes drawn from the seed; a class model's density both by its c = 0 half and as p(x | c)."""
     n = args.likelihood
@@ -1226,8 +1231,8 @@ def likelihood(model, args, device, batch=100):
           "std of x0 | s |\n|" + " ---: |" * 7)
     for name, c in densities.items():
         started, terms = time.time(), []
-        for i in range(0, n, batch):
-            part = slice(i, i + batch)
+        for i in range(0, n, batch_size):
+            part = slice(i, i + batch_size)
             base, integral, x0 = log_likelihood(model, x1[part], args.steps, args.solver,
                                                 None if c is None else c[part], probes[part])
             terms.append(torch.stack([base, integral, x0.flatten(1).std(1)], 1).cpu())
@@ -1248,9 +1253,9 @@ def sweep_figure(model, args, sweep, guide=None):
     the same starting noise, so that rows differ only by those settings."""
     labels, rows, names = torch.arange(10) if model.num_classes else None, [], []
     for solver, steps, guidance in itertools.product(*sweep.values()):
-        net, cfg = guided(model, guide, guidance)
-        with autocast(next(model.parameters()).device, args.amp):
-            rows.append(sample(net, 10, labels, steps, cfg, args.seed, solver_step(model, solver)))
+        net, net_guidance = guided(model, guide, guidance)
+        rows.append(sample(net, 10, labels, steps, net_guidance, args.seed, solver_step(model, solver),
+                           amp=args.amp))
         guided_by = f", gamma {guidance}" if labels is not None or guide else ""
         names.append(f"{solver}, steps {steps}{guided_by}")
     return figure(rows, names, zoom=2, left=210)
@@ -1285,7 +1290,7 @@ def from_checkpoint(args, device, sweep):
         sweep_figure(model, args, sweep, guide).save(path)
     else:
         path = os.path.join(out, "samples.png")
-        net, args.guidance = guided(model, guide, args.guidance)
+        net, args.guidance = guided(model, guide, args.guidance)  # the guidance that sample_grid gives net
         sample_grid(net, args, trajectory, solver_step(model, args.solver)).save(path)
     if trajectory:
         save_gif(os.path.join(out, "sampling.gif"), trajectory)
@@ -1301,7 +1306,7 @@ def benchmark(model, data, args, loss_fn, step_fn, batches=30):
     args.log_every, args.epochs, n = 10 ** 9, 1, min(len(data[0]), batches * args.batch_size)
     optimizer, device = torch.optim.Adam(model.parameters(), lr=args.lr), data[0].device
 
-    def seconds(work):  # the second of two runs: the first pays for warm-up and kernel autotuning
+    def timed(work):  # seconds, the second of two runs: the first pays for warm-up and kernel autotuning
         for _ in range(2):
             started = time.time()
             work()
@@ -1309,9 +1314,9 @@ def benchmark(model, data, args, loss_fn, step_fn, batches=30):
                 getattr(torch, device.type).synchronize()  # wait for the GPU's queue to empty
         return time.time() - started
 
-    train_speed = n // args.batch_size * args.batch_size / seconds(
+    train_speed = n // args.batch_size * args.batch_size / timed(
         lambda: train_epoch(model, optimizer, [d[:n] for d in data], 1, args, loss_fn))
-    grid_seconds = seconds(lambda: sample_grid(model, args, step_fn=step_fn))
+    grid_seconds = timed(lambda: sample_grid(model, args, step_fn=step_fn))
     name = torch.cuda.get_device_name() if device.type == "cuda" else device.type
     name += f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
     print(f"benchmark on {name}: training {train_speed:.0f} images/s (batch {args.batch_size}); "
@@ -1319,15 +1324,16 @@ def benchmark(model, data, args, loss_fn, step_fn, batches=30):
 
 
 
-# --- main: part one's flags and part two's; a run that sets only part one's is part one's run() ---
+# --- main: the assignment's flags and the others; a run with the assignment's alone is its run() ---
 
-# the flags of part two that shape training: a resumed run takes them from its checkpoint too
+# the flags beyond the assignment that shape training: a resumed run takes them from its checkpoint too
 TRAINING_FLAGS += ["sinusoidal_t", "time_every_block", "logit_normal_t", "ema", "dequantize", "method",
                    "reflow", "pairs"]
 
 
 def train_beyond(args, device):
-    """Part one's train() with what part two's flags add: on MNIST, or with --reflow on a teacher's pairs."""
+    """The assignment's train() with what the other flags add: on MNIST, or with --reflow on a teacher's
+    pairs."""
     teacher = load_checkpoint(args.reflow, device) if args.reflow else None
     if teacher and (teacher.method, teacher.num_classes) != ("flow", 10):
         kind = f"{teacher.method} model, {'class' if teacher.num_classes else 'time'}-conditioned"
@@ -1376,9 +1382,9 @@ def sampling_defaults(args, sweep):
 
 
 def main(argv=None):
-    parser = assignment_parser()  # part one's flags, then part two's groups
+    parser = assignment_parser()  # the assignment's flags, then the groups beyond it
     parser.epilog = "--sample-only and --evaluate sweep comma-separated --solver, --steps and --guidance."
-    parser.conflict_handler = "resolve"  # the sweeps' --steps and --guidance, lists, replace part one's
+    parser.conflict_handler = "resolve"  # the sweeps' --steps and --guidance, lists, replace the plain ones
     add = parser.add_argument_group("beyond the assignment: training", "--method ddpm's defaults: --epochs "
                                     "20 --batch-size 128 --lr 0.001 --sample-epochs 1,5,10,20;\n--reflow's: "
                                     "--lr 0.001").add_argument
@@ -1448,8 +1454,9 @@ def main(argv=None):
             take_flags(parser, argv, args, args.reflow, unet, "for --reflow")
         except ValueError as e:
             parser.error(str(e))
-    part_one = vars(assignment_parser().parse_args([]))  # part one's flags, which part two leaves alone
-    plain = all(value == parser.get_default(key) for key, value in vars(args).items() if key not in part_one)
+    assignment_flags = vars(assignment_parser().parse_args([]))
+    plain = all(value == parser.get_default(key)  # every flag beyond the assignment at its default
+                for key, value in vars(args).items() if key not in assignment_flags)
     try:
         if args.score:
             return score_file(args, device)
@@ -1457,7 +1464,7 @@ def main(argv=None):
             return from_checkpoint(args, device, sweep)
         sampling_defaults(args, sweep)
         if plain:
-            return run(args, device)  # the assignment, as part one runs it alone
+            return run(args, device)  # the assignment, as its code runs alone
         train_beyond(args, device)
     except ValueError as e:
         sys.exit(f"flow.py: error: {e}")

@@ -254,7 +254,7 @@ def test_denoise_bad_input_is_refused(mnist, class_run, tmp_path, capsys):
     assert "--pure-noise False" in message
 
 
-# --- flow.py part one: the conditioned UNet ----------------------------------------
+# --- flow.py, the assignment: the conditioned UNet -----------------------------------
 
 
 def test_blocks_and_unet_shapes():
@@ -545,21 +545,21 @@ def test_tiny_run_writes_every_output(mnist, tmp_path):
     assert not model.training and model.num_classes == 10
 
 
-def test_part_one_cut_at_the_banner_runs_the_assignment_alone(mnist, tmp_path):
+def test_the_code_above_the_banner_runs_the_assignment_alone(mnist, tmp_path):
     text = open(os.path.join(HERE, "flow.py")).read()
-    part_one = text[:text.index("# =" + "=" * 29 + " beyond the assignment")]
-    code = part_one[part_one.index('"""', 3):]  # below the file's docstring, which tells both parts
+    above = text[:text.index("# =" + "=" * 29 + " beyond the assignment")]
+    code = above[above.index('"""', 3):]  # below the file's docstring, which tells both halves
     for name in ("ema", "ddpm", "reflow", "sinusoidal", "autoguid", "likelihood", "evaluate", "midpoint"):
-        assert name not in code.lower(), name  # part one names no extension
-    namespace = {"__name__": "part_one", "__file__": os.path.join(tmp_path, "part_one.py")}
-    exec(compile(part_one, "part_one.py", "exec"), namespace)
+        assert name not in code.lower(), name  # the assignment's code names no extension
+    namespace = {"__name__": "assignment", "__file__": os.path.join(tmp_path, "assignment.py")}
+    exec(compile(above, "assignment.py", "exec"), namespace)
     out = tmp_path / "run"
     namespace["assignment"]([str(a) for a in tiny_flow_args(mnist, out, "--epochs", 2, "--steps", 2)])
     assert sorted(os.listdir(out)) == ["ckpt.pt", "loss.csv", "loss.png", "model.pt", "samples_epoch01.png",
                                        "samples_epoch02.png"]
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["args"]["steps"] == 2 and ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-3)
-    assert flow.load_checkpoint(out / "model.pt").num_classes == 10  # part two reads what part one wrote
+    assert flow.load_checkpoint(out / "model.pt").num_classes == 10  # the code below reads what it wrote
     time_run = ["--data", mnist, "--out", tmp_path / "time", "--cond", "time", "--hidden", 8, "--limit", 64,
                 "--epochs", 1, "--device", "cpu"]
     namespace["assignment"]([str(a) for a in time_run])
@@ -567,16 +567,16 @@ def test_part_one_cut_at_the_banner_runs_the_assignment_alone(mnist, tmp_path):
     assert (ckpt["args"]["steps"], ckpt["args"]["guidance"]) == (50, 5.0)  # the assignment's defaults
 
 
-def test_a_run_with_only_the_assignments_flags_is_part_ones(mnist, tmp_path, monkeypatch):
+def test_a_run_with_only_the_assignments_flags_is_the_assignments_run(mnist, tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(flow, "train_beyond", lambda args, device: calls.append("beyond"))
     run = flow.run
-    monkeypatch.setattr(flow, "run", lambda args, device: calls.append("part one") or run(args, device))
+    monkeypatch.setattr(flow, "run", lambda args, device: calls.append("assignment") or run(args, device))
     run_flow(*tiny_flow_args(mnist, tmp_path / "plain", "--epochs", 1, "--cond", "class", "--amp"))
     run_flow(*tiny_flow_args(mnist, tmp_path / "ema", "--epochs", 1, "--ema", 0.9))
-    assert calls == ["part one", "beyond"]
+    assert calls == ["assignment", "beyond"]
     ckpt = torch.load(tmp_path / "plain" / "ckpt.pt", weights_only=True)
-    assert ckpt["args"]["method"] == "flow" and ckpt["args"]["ema"] == 0  # every flag, for part two to read
+    assert ckpt["args"]["method"] == "flow" and ckpt["args"]["ema"] == 0  # every flag, for the code below to read
     assert not any(group.get("fused") for group in ckpt["optimizer"]["param_groups"])  # resumes on any device
 
 
@@ -660,7 +660,7 @@ def test_resume_takes_the_checkpoints_flags_and_refuses_one_typed_otherwise(mnis
     assert "already holds a run" in flow_error(capsys, "--resume", ckpt, "--out", other)
 
 
-# --- flow.py part two: better time input -------------------------------------------
+# --- flow.py beyond the assignment: better time input -------------------------------
 
 
 def test_sinusoidal_t_feeds_sines_and_cosines_of_t():
@@ -973,17 +973,17 @@ def test_pair_making_resumes_to_the_same_pairs_and_refuses_others(tmp_path):
     teacher, calls = StraightFlow(0.05, 0.5), []
     teacher.register_forward_hook(lambda module, inputs, output: calls.append(len(inputs[0])))
     args = reflow_args(tmp_path, 250)
-    whole = flow.make_pairs(teacher, args, per_file=100, batch=50)
+    whole = flow.make_pairs(teacher, args, per_file=100, batch_size=50)
     assert sorted(os.listdir(tmp_path / "pairs")) == ["pairs_000.pt", "pairs_001.pt", "pairs_002.pt"]
     os.remove(tmp_path / "pairs" / "pairs_001.pt")  # the run was stopped while making it
     calls.clear()
-    again = flow.make_pairs(teacher, args, per_file=100, batch=50)
+    again = flow.make_pairs(teacher, args, per_file=100, batch_size=50)
     assert sum(calls) == 100 * 2 * 10  # only the missing 100 pairs: 5 midpoint steps, both guidance halves
     assert all(torch.equal(a, b) for a, b in zip(whole, again))
-    more = flow.make_pairs(teacher, reflow_args(tmp_path, 320), per_file=100, batch=50)  # a larger --pairs
+    more = flow.make_pairs(teacher, reflow_args(tmp_path, 320), per_file=100, batch_size=50)  # a larger --pairs
     assert all(torch.equal(a[:200], b[:200]) for a, b in zip(whole, more)) and len(more[0]) == 320
     with pytest.raises(ValueError, match="holds pairs made with"):
-        flow.make_pairs(teacher, reflow_args(tmp_path, 250, seed=4), per_file=100, batch=50)  # other noise
+        flow.make_pairs(teacher, reflow_args(tmp_path, 250, seed=4), per_file=100, batch_size=50)  # other noise
 
 
 @pytest.mark.parametrize("paired", [True, False])
