@@ -157,8 +157,8 @@ def autocast(device, amp):
 
 
 def to_device(model, device):
-    """model on device, in channels-last memory, where convolutions run faster, but on MPS, where BatchNorm
-    computes wrong answers in it."""
+    """model on device, in channels-last memory (convolutions run faster in it); on MPS in the default
+    layout, since BatchNorm computes wrong answers there in channels-last."""
     model = model.to(device)
     return model if torch.device(device).type == "mps" else model.to(memory_format=torch.channels_last)
 

@@ -14,7 +14,7 @@ the assignment's run().
     python flow.py --cond class --epochs 10    # the assignment's run, 4 of each digit -> runs/flow_class
     python flow.py --cond time --epochs 10     # time-only, 40 unconditional digits -> runs/flow_time
     python flow.py --hidden 16 --batch-size 16 --epochs 2 --limit 20000 --ema 0.999 --sinusoidal-t \\
-        --time-every-block --logit-normal-t --steps 10 --guidance 2   # a CPU's own digits in 2 minutes
+        --time-every-block --logit-normal-t --steps 10 --guidance 2 --out runs/cpu   # a CPU's, 2 minutes
     python flow.py --evaluate 1000 --ckpt samples/flow_class/model.pt --steps 10 --guidance 2   # scores
     python flow.py --predictions --ckpt samples/flow_class/model.pt   # x_t beside the network's guess of x1
     python flow.py --score mine.pt   # digits your own code saved (N x 1 x 28 x 28 in [0, 1]), scored alike
@@ -195,6 +195,10 @@ def load_mnist(root, device, limit=None, train=True):
     return data.data[:limit].to(device), data.targets[:limit].to(device)
 
 
+def to_float(images):
+    return images.unsqueeze(1).float() / 255  # N x 28 x 28 uint8 -> N x 1 x 28 x 28 in [0, 1]
+
+
 # --- device and precision: CUDA, Apple's MPS or the CPU, each with what it can do ---
 
 
@@ -222,8 +226,8 @@ def autocast(device, amp):
 
 
 def to_device(model, device):
-    """model on device, in channels-last memory, where convolutions run faster, but on MPS, where BatchNorm
-    computes wrong answers in it."""
+    """model on device, in channels-last memory (convolutions run faster in it); on MPS in the default
+    layout, since BatchNorm computes wrong answers there in channels-last."""
     model = model.to(device)
     return model if torch.device(device).type == "mps" else model.to(memory_format=torch.channels_last)
 
@@ -255,7 +259,7 @@ def train_epoch(model, optimizer, data, epoch, args, loss_fn=flow_matching_loss)
     started = time.time()
     for step in range(batches):
         images, labels, *more = (d[perm[step * args.batch_size:(step + 1) * args.batch_size]] for d in data)
-        x1 = images.unsqueeze(1).float() / 255  # B x 1 x 28 x 28 in [0, 1]
+        x1 = to_float(images)
         with autocast(device, args.amp):
             loss = loss_fn(model, x1, labels if model.num_classes else None, args.p_uncond, *more)
         optimizer.zero_grad(set_to_none=True)
@@ -476,7 +480,7 @@ def assignment_parser():
     add("--gif", action="store_true", help="also write sampling.gif, the last grid's sampling (default: off)")
     add = parser.add_argument_group("input, output, system").add_argument
     add("--data", default="data", help="MNIST root, downloaded if missing (default: %(default)s)")
-    add("--out", help="output folder (default: runs/flow_<cond>; with --resume, its folder)")
+    add("--out", help="output folder (default: one in runs/ named after the run; with --resume, its folder)")
     add("--resume", metavar="CKPT", help="continue this run, its training flags kept (default: off)")
     add("--amp", action="store_true", help="bfloat16 autocast: CUDA 8.0+ (not a T4), MPS with torch 2.6+, "
         "CPUs (slow without AVX-512 BF16 or AMX) (default: off, fp32)")
@@ -658,8 +662,7 @@ def measure_batchnorm(ema, loss_fn, data, args, batches=20, batch_size=256):
         idx = torch.randint(len(data[0]), (min(batch_size, len(data[0])),), device=device)
         images, labels, *more = (d[idx] for d in data)
         with autocast(device, args.amp):
-            loss_fn(ema, images.unsqueeze(1).float() / 255, labels if ema.num_classes else None,
-                    args.p_uncond, *more)
+            loss_fn(ema, to_float(images), labels if ema.num_classes else None, args.p_uncond, *more)
     restore_random_streams(streams, device)  # training draws the same random numbers as without an EMA
     for m in norms:
         m.momentum = 0.1
@@ -861,11 +864,18 @@ def make_pairs(teacher, args, per_file=1000, batch_size=100):
     return [torch.cat([p[key] for p in files]) for key in ("x1", "labels", "x0")]
 
 
+def step_velocities(trajectory):
+    """An Euler trajectory of T steps stacked, (T + 1) x N x 1 x 28 x 28, and the velocity that each step
+    took, u_i = (x_{i+1} - x_i) / dt = (x_{i+1} - x_i) T: T x N x 1 x 28 x 28."""
+    x = torch.stack(trajectory)
+    return x, (x[1:] - x[:-1]) * (len(trajectory) - 1)
+
+
 def straightness(trajectory):
-    """Liu et al.'s S along an Euler trajectory: the mean square of (x_end - x_start) - u, where u =
-    (x_{i+1} - x_i) / dt is the velocity of each step: 0 for a straight path."""
-    x = torch.stack(trajectory)  # (steps + 1) x N x 1 x 28 x 28
-    return ((x[-1] - x[0]) - (x[1:] - x[:-1]) * (len(trajectory) - 1)).square().mean().item()
+    """Liu et al.'s S along an Euler trajectory: the mean square of (x_end - x_start) - u_i over the steps'
+    velocities u_i: 0 for a straight path."""
+    x, u = step_velocities(trajectory)
+    return ((x[-1] - x[0]) - u).square().mean().item()
 
 
 # --- inside the flow: what the network predicts along the way ----------------
@@ -899,11 +909,11 @@ def path_figure(x1, seed):
 
 
 def guesses(trajectory):
-    """x1_hat at t = 0, 1/T, ..., (T - 1)/T along a trajectory of T Euler steps, whose velocity is read off
-    each step, u = (x_{i+1} - x_i) T: T x N x 1 x 28 x 28."""
-    x, steps = torch.stack(trajectory), len(trajectory) - 1
-    t = torch.arange(steps, device=x.device)[:, None, None, None, None] / steps
-    return x[:-1] + (1 - t) * (x[1:] - x[:-1]) * steps
+    """x1_hat = x_t + (1 - t) u at t = 0, 1/T, ..., (T - 1)/T along a trajectory of T Euler steps, with the
+    velocity u that each step took: T x N x 1 x 28 x 28."""
+    x, u = step_velocities(trajectory)
+    t = torch.arange(len(u), device=x.device)[:, None, None, None, None] / len(u)
+    return x[:-1] + (1 - t) * u
 
 
 def predictions_figure(model, args, times=8):
@@ -929,7 +939,7 @@ def guesses_from_noise(model, args, device, n=1000):
     the exact field's: the class's mean training digit m_c (guided: m + gamma (m_c - m)), or the mean image
     m for c = 0 and time-only models. Mean squares per draw, and of the average draw of each digit."""
     images, train_labels = load_mnist(args.data, device)
-    x = images.unsqueeze(1).float() / 255
+    x = to_float(images)
     m = x.mean(0)  # the mean training image, 1 x 28 x 28
     m_c = torch.stack([x[train_labels == k].mean(0) for k in range(10)])  # each class's, 10 x 1 x 28 x 28
     labels = torch.arange(n, device=device) % 10
@@ -964,7 +974,7 @@ def inside_the_flow(model, args, device, out):
     if model.method != "flow" or args.solver != "euler" or args.steps < 8:
         raise ValueError("--predictions reads the velocity off Euler steps: it takes a flow model, "
                          "--solver euler and --steps 8 or more")
-    test_digits = load_mnist(args.data, "cpu", 4, train=False)[0].unsqueeze(1) / 255
+    test_digits = to_float(load_mnist(args.data, "cpu", 4, train=False)[0])
     path_figure(test_digits, args.seed).save(os.path.join(out, "path.png"))
     img, distances = predictions_figure(model, args)
     img.save(os.path.join(out, "predictions.png"))
@@ -989,15 +999,17 @@ CLASSIFIER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "samples",
 def load_classifier(root, device, epochs=3, batch_size=128):
     """The classifier shipped in samples/, so that every machine scores alike; without it (this file
     copied out alone), the one cached in root, trained there at first use (seed 0, Adam 1e-3 decayed to 0)."""
-    torch.manual_seed(0)
-    classifier, cached = make_classifier().to(device), os.path.join(root, "mnist_classifier.pt")
+    cached = os.path.join(root, "mnist_classifier.pt")
     for path in (CLASSIFIER, cached):
         saved = torch.load(path, map_location=device, weights_only=True) if os.path.exists(path) else {}
         if "accuracy" in saved:  # weights in fp16, and its accuracy on the test split
+            classifier = make_classifier().to(device)
             classifier.load_state_dict(saved["model"])
             print(f"classifier {path}: test accuracy {saved['accuracy']:.4f}", file=sys.stderr)
             return classifier.eval()
-    print(f"{CLASSIFIER} is missing: training a classifier for {cached}", file=sys.stderr)
+    print(f"no classifier in {CLASSIFIER} or {cached}: training one into {cached}", file=sys.stderr)
+    torch.manual_seed(0)
+    classifier = make_classifier().to(device)
     (x_all, y_all), (x_test, y_test) = load_mnist(root, device), load_mnist(root, device, train=False)
     started, batches = time.time(), len(x_all) // batch_size
     optimizer = torch.optim.Adam(classifier.train().parameters(), lr=1e-3)
@@ -1006,14 +1018,14 @@ def load_classifier(root, device, epochs=3, batch_size=128):
         perm = torch.randperm(len(x_all), device=device)
         for step in range(batches):
             idx = perm[step * batch_size:(step + 1) * batch_size]
-            loss = F.cross_entropy(classifier(x_all[idx].unsqueeze(1) / 255), y_all[idx])
+            loss = F.cross_entropy(classifier(to_float(x_all[idx])), y_all[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
             if (step + 1) % 100 == 0 or step + 1 == batches:
                 show_progress("classifier steps", epoch * batches + step + 1, epochs * batches, started)
-    accuracy = classify(classifier.eval(), x_test.unsqueeze(1) / 255, y_test)[0]
+    accuracy = classify(classifier.eval(), to_float(x_test), y_test)[0]
     print(f"classifier {cached}: test accuracy {accuracy:.4f}", file=sys.stderr)
     if accuracy < 0.99:
         raise ValueError(f"the classifier reached only {accuracy:.4f} test accuracy, too little to judge by")
@@ -1054,7 +1066,7 @@ def yardstick(args, device, n):
     """A verdict on n digits, as the cells of a table row: accuracy (with labels) or entropy, confidence,
     the FD to the classifier's features of the 10,000 test digits, and the floor, the FD of n train digits."""
     classifier = load_classifier(args.data, device)
-    digits = lambda limit, train: load_mnist(args.data, device, limit, train)[0].unsqueeze(1) / 255
+    digits = lambda limit, train: to_float(load_mnist(args.data, device, limit, train)[0])
     real = classify(classifier, digits(None, False))[2]
     floor = frechet_distance(classify(classifier, digits(n, True))[2], real)
 
@@ -1086,6 +1098,7 @@ def evaluate(model, args, device, sweep, guide=None, batch_size=100):
             if trajectory is not None:
                 bends.append(straightness(trajectory) * len(xs[-1]) / n)
             show_progress(f"{solver}, {steps} steps, samples", i + len(xs[-1]), n, started)
+        # network calls a sample: guidance's two halves go in one batch, one call; a guide is another network
         nfe = steps * (2 if solver == "midpoint" else 1) * (2 if guide else 1)
         bent = f"{sum(bends):.4f}" if bends else "-"
         print(f"| {solver} | {steps} | {nfe} | {guidance} | {verdict(torch.cat(xs).clamp(0, 1), labels)} | "

@@ -576,7 +576,7 @@ def test_a_run_with_only_the_assignments_flags_is_the_assignments_run(mnist, tmp
     run_flow(*tiny_flow_args(mnist, tmp_path / "ema", "--epochs", 1, "--ema", 0.9))
     assert calls == ["assignment", "beyond"]
     ckpt = torch.load(tmp_path / "plain" / "ckpt.pt", weights_only=True)
-    assert ckpt["args"]["method"] == "flow" and ckpt["args"]["ema"] == 0  # every flag, for the code below to read
+    assert ckpt["args"]["method"] == "flow" and ckpt["args"]["ema"] == 0  # every flag, for all code to read
     assert not any(group.get("fused") for group in ckpt["optimizer"]["param_groups"])  # resumes on any device
 
 
@@ -980,10 +980,10 @@ def test_pair_making_resumes_to_the_same_pairs_and_refuses_others(tmp_path):
     again = flow.make_pairs(teacher, args, per_file=100, batch_size=50)
     assert sum(calls) == 100 * 2 * 10  # only the missing 100 pairs: 5 midpoint steps, both guidance halves
     assert all(torch.equal(a, b) for a, b in zip(whole, again))
-    more = flow.make_pairs(teacher, reflow_args(tmp_path, 320), per_file=100, batch_size=50)  # a larger --pairs
+    more = flow.make_pairs(teacher, reflow_args(tmp_path, 320), per_file=100, batch_size=50)  # more --pairs
     assert all(torch.equal(a[:200], b[:200]) for a, b in zip(whole, more)) and len(more[0]) == 320
     with pytest.raises(ValueError, match="holds pairs made with"):
-        flow.make_pairs(teacher, reflow_args(tmp_path, 250, seed=4), per_file=100, batch_size=50)  # other noise
+        flow.make_pairs(teacher, reflow_args(tmp_path, 250, seed=4), per_file=100, batch_size=50)  # new noise
 
 
 @pytest.mark.parametrize("paired", [True, False])
@@ -1606,9 +1606,9 @@ def test_each_script_runs_copied_alone_into_an_empty_folder(script, out, mnist, 
 
 def test_the_shared_pieces_are_identical_in_both_scripts():
     import inspect
-    for name in ("bn_gelu", "ConvBlock", "DownBlock", "UpBlock", "load_mnist", "pick_device", "amp_problem",
-                 "autocast", "to_device", "random_streams", "restore_random_streams", "grid_image", "figure",
-                 "canvas", "plot_loss", "read_checkpoint"):
+    for name in ("bn_gelu", "ConvBlock", "DownBlock", "UpBlock", "load_mnist", "to_float", "pick_device",
+                 "amp_problem", "autocast", "to_device", "random_streams", "restore_random_streams", "grid_image",
+                 "figure", "canvas", "plot_loss", "read_checkpoint"):
         assert inspect.getsource(getattr(flow, name)) == inspect.getsource(getattr(denoise, name)), name
 
 
