@@ -20,7 +20,7 @@ the assignment's run().
     python flow.py --score mine.pt   # digits your own code saved (N x 1 x 28 x 28 in [0, 1]), scored alike
     python flow.py --likelihood 1000 --steps 60 --ckpt samples/flow_density/model.pt   # bits/dim, 10 minutes
 
-Outputs, in --out (default runs/<method>_<cond>), after every epoch: loss.csv, loss.png and ckpt.pt
+Outputs, in --out (default runs/<method>_<cond>[_reflow]), after every epoch: loss.csv, loss.png and ckpt.pt
 (--resume it after a crash); samples_epochNN.png after the --sample-epochs and the last; model.pt at
 the end. --benchmark times your machine; samples/README.md gives every run's wall time.
 """
@@ -290,7 +290,8 @@ def train(args, model, optimizer, data, loss_fn=flow_matching_loss, step_fn=eule
     """args.epochs epochs of train_epoch, Adam's rate multiplied by 0.1 ** (1 / epochs) after each (the
     assignment's schedule); after each epoch the loss, its plot and ckpt.pt, and a grid after the
     --sample-epochs and the last. The defaults are the assignment's; a caller may train another loss_fn,
-    sample the grids with another step_fn, or draw them and ship in model.pt another network `net`."""
+    sample the grids with another step_fn, or have another network `net` draw them and go into model.pt
+    (a copy of model whose weights follow model's)."""
     net = model if net is None else net
     if len(data[0]) < args.batch_size:
         raise ValueError(f"{len(data[0])} images are fewer than --batch-size {args.batch_size}: "
@@ -738,7 +739,8 @@ def ddpm_step(eps_theta, x, i, steps, ddim=False):
         return a_next.sqrt() * x1_hat + (1 - a_next).sqrt() * eps
     beta = 1 - a / a_next  # the level's own beta when the next is one lower, as with the default 300 steps
     z = torch.randn(x.shape).to(x.device) if next_level > 0 else 0  # from sample()'s seeded CPU stream
-    # the mean of x at the next level given x and x1_hat (the posterior q), plus that posterior's noise
+    # the mean of x at the next level given x and x1_hat (the posterior q), plus noise of variance beta
+    # (the DDPM paper's first choice; q's own variance, beta (1 - a_next) / (1 - a), is a little smaller)
     return (a_next.sqrt() * beta * x1_hat + (1 - beta).sqrt() * (1 - a_next) * x) / (1 - a) + beta.sqrt() * z
 
 
@@ -833,8 +835,8 @@ def make_pairs(teacher, args, per_file=1000, batch_size=100):
     stopped. x1 is kept as pixels (uint8) like MNIST's images, so that train_epoch reads both alike."""
     folder, device = os.path.join(args.out, "pairs"), next(teacher.parameters()).device
     os.makedirs(folder, exist_ok=True)
-    recipe, files, made, loaded = {"teacher": args.reflow, "seed": args.seed, **TEACHER}, [], 0, 0
-    started = time.time()
+    recipe = {"teacher": args.reflow, "seed": args.seed, **TEACHER}  # written into every file of pairs
+    files, made, loaded, started = [], 0, 0, time.time()  # made here, and read back from files
     for k in range(math.ceil(args.pairs / per_file)):
         path, first, pairs = os.path.join(folder, f"pairs_{k:03d}.pt"), k * per_file, None
         size = min(per_file, args.pairs - first)
@@ -1293,18 +1295,20 @@ def from_checkpoint(args, device, sweep):
         return evaluate(model, args, device, sweep, guide)
     if args.likelihood:
         return likelihood(model, args, device)
-    out, started, trajectory = args.out or default_out(args), time.time(), [] if args.gif else None
+    out = args.out or default_out(args)
     writable(out)
     if args.predictions:
         return inside_the_flow(model, args, device, out)
-    swept = [name for name, values in sweep.items() if len(values) > 1]
-    if swept:  # sweep_steps.png, sweep_solver_steps.png, ...: the name says which settings vary
-        path = os.path.join(out, "_".join(["sweep"] + swept) + ".png")
+    started, trajectory = time.time(), [] if args.gif else None
+    varied = [name for name, values in sweep.items() if len(values) > 1]
+    if varied:  # sweep_steps.png, sweep_solver_steps.png, ...: the name says which settings vary
+        path = os.path.join(out, "_".join(["sweep"] + varied) + ".png")
         sweep_figure(model, args, sweep, guide).save(path)
     else:
         path = os.path.join(out, "samples.png")
-        net, args.guidance = guided(model, guide, args.guidance)  # the guidance that sample_grid gives net
-        sample_grid(net, args, trajectory, solver_step(model, args.solver)).save(path)
+        net, net_guidance = guided(model, guide, args.guidance)
+        grid_args = argparse.Namespace(**{**vars(args), "guidance": net_guidance})  # what sample_grid reads
+        sample_grid(net, grid_args, trajectory, solver_step(model, args.solver)).save(path)
     if trajectory:
         save_gif(os.path.join(out, "sampling.gif"), trajectory)
     print(f"wrote {path} in {time.time() - started:.1f}s")
@@ -1316,7 +1320,8 @@ def from_checkpoint(args, device, sweep):
 def benchmark(model, data, args, loss_fn, step_fn, batches=30):
     """Training images/s over `batches` steps and the seconds one sample grid takes (each the second of two
     runs), through the same functions a real run uses."""
-    args.log_every, args.epochs, n = 10 ** 9, 1, min(len(data[0]), batches * args.batch_size)
+    args.log_every, args.epochs = 10 ** 9, 1  # no log lines; train_epoch's ETA counts one epoch
+    n = min(len(data[0]), batches * args.batch_size)  # the images of `batches` steps
     optimizer, device = torch.optim.Adam(model.parameters(), lr=args.lr), data[0].device
 
     def timed(work):  # seconds, the second of two runs: the first pays for warm-up and kernel autotuning
@@ -1429,7 +1434,8 @@ def main(argv=None):
     add("--predictions", action="store_true",
         help="no training: path.png, and predictions.png of --ckpt: x_t beside x1_hat (default: off)")
     add("--score", metavar="FILE", help="no training: score the digits any code saved to FILE (default: off)")
-    add("--benchmark", action="store_true", help="time 30 training steps and a grid, exit (default: off)")
+    add("--benchmark", action="store_true", help="time 30 training steps and a grid, each after a warm-up run, "
+        "exit (default: off)")
     first = parser.parse_args(argv)  # which defaults apply: DDPM's version's, or reflow's fine-tuning rate
     if first.method == "ddpm":
         parser.set_defaults(epochs=20, batch_size=128, lr=1e-3, sample_epochs="1,5,10,20")
@@ -1437,7 +1443,7 @@ def main(argv=None):
         parser.set_defaults(lr=1e-3)
     args, device = parse(parser, argv)
     if args.logit_normal_t and args.method == "ddpm":
-        parser.error("--logit-normal-t is for flow matching: DDPM draws t from 1..300")
+        parser.error("--logit-normal-t is for flow matching: DDPM draws noise levels from 1..300")
     no_training = args.sample_only or args.evaluate or args.predictions or args.likelihood
     solvers = [*SOLVERS["flow"], *SOLVERS["ddpm"]] if no_training else list(SOLVERS[args.method])
     if set(args.solver or []) - set(solvers):
