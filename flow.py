@@ -1434,9 +1434,9 @@ def main(argv=None):
     add("--predictions", action="store_true",
         help="no training: path.png, and predictions.png of --ckpt: x_t beside x1_hat (default: off)")
     add("--score", metavar="FILE", help="no training: score the digits any code saved to FILE (default: off)")
-    add("--benchmark", action="store_true", help="time 30 training steps and a grid, each after a warm-up run, "
-        "exit (default: off)")
-    first = parser.parse_args(argv)  # which defaults apply: DDPM's version's, or reflow's fine-tuning rate
+    add("--benchmark", action="store_true",
+        help="time 30 training steps and a grid, each after a warm-up run, exit (default: off)")
+    first = parser.parse_args(argv)  # which defaults apply: the DDPM version's, or reflow's fine-tuning rate
     if first.method == "ddpm":
         parser.set_defaults(epochs=20, batch_size=128, lr=1e-3, sample_epochs="1,5,10,20")
     if first.reflow:

@@ -1607,8 +1607,8 @@ def test_each_script_runs_copied_alone_into_an_empty_folder(script, out, mnist, 
 def test_the_shared_pieces_are_identical_in_both_scripts():
     import inspect
     for name in ("bn_gelu", "ConvBlock", "DownBlock", "UpBlock", "load_mnist", "to_float", "pick_device",
-                 "amp_problem", "autocast", "to_device", "random_streams", "restore_random_streams", "grid_image",
-                 "figure", "canvas", "plot_loss", "read_checkpoint"):
+                 "amp_problem", "autocast", "to_device", "random_streams", "restore_random_streams",
+                 "grid_image", "figure", "canvas", "plot_loss", "read_checkpoint"):
         assert inspect.getsource(getattr(flow, name)) == inspect.getsource(getattr(denoise, name)), name
 
 
