@@ -228,17 +228,17 @@ def train(args, device):
         raise ValueError(f"--limit {len(x_all)} is less than --batch-size {args.batch_size}: raise --limit")
     shown = to_float(x_test[:8])  # the test digits in every figure
     mean_image = to_float(x_all).mean(0)  # 1 x 28 x 28, the MSE-optimal answer to pure noise
-    steps = len(x_all) // args.batch_size
-    print(f"{len(x_all):,} train and {len(x_test):,} test images, {steps} steps per epoch, device {device}")
+    batches = len(x_all) // args.batch_size
+    print(f"{len(x_all):,} train and {len(x_test):,} test images, {batches} steps per epoch, device {device}")
     if not args.pure_noise:
         sigma_figure(shown[:4]).save(os.path.join(args.out, "noising.png"))
 
     for epoch in range(start_epoch, args.epochs + 1):
-        t_epoch = time.time()
+        started = time.time()
         losses += train_epoch(model, optimizer, x_all, epoch, args)
         mse, mean_output = evaluate(model, x_test, args.sigma, args.pure_noise, args.amp)
-        mean_loss = sum(losses[-steps:]) / steps
-        msg = f"epoch {epoch} done in {time.time() - t_epoch:.0f}s, mean loss {mean_loss:.4f}"
+        mean_loss = sum(losses[-batches:]) / batches
+        msg = f"epoch {epoch} done in {time.time() - started:.0f}s, mean loss {mean_loss:.4f}"
         if args.pure_noise:
             to_mean = F.mse_loss(mean_output, mean_image).item()
             metrics.append({"epoch": epoch, "test_mse": mse, "mean_output_vs_mean_image_mse": to_mean})
@@ -351,14 +351,14 @@ def plot_loss(losses, batches, path, title):
 
 def save_progress(epoch, args, model, optimizer, losses, metrics):
     """After each epoch: loss.csv, loss.png, metrics.csv and ckpt.pt, all that a resumed run needs."""
-    steps = len(losses) // epoch
+    batches = len(losses) // epoch
     with open(os.path.join(args.out, "loss.csv"), "w") as f:
         f.write("step,epoch,loss\n")
-        f.writelines(f"{i + 1},{i // steps + 1},{v:.6f}\n" for i, v in enumerate(losses))
+        f.writelines(f"{i + 1},{i // batches + 1},{v:.6f}\n" for i, v in enumerate(losses))
     with open(os.path.join(args.out, "metrics.csv"), "w") as f:
         f.write(",".join(metrics[-1]) + "\n")
         f.writelines(",".join(f"{v:.6g}" for v in row.values()) + "\n" for row in metrics)
-    plot_loss(losses, steps, os.path.join(args.out, "loss.png"),
+    plot_loss(losses, batches, os.path.join(args.out, "loss.png"),
               "pure-noise denoiser" if args.pure_noise else f"one-step denoiser, sigma {args.sigma}")
     path = os.path.join(args.out, "ckpt.pt")
     torch.save({"script": SCRIPT, "epoch": epoch, "args": vars(args), "model": model.state_dict(),
