@@ -6,9 +6,9 @@ x_t = (1 - t) x0 + t x1 moves at u = x1 - x0 (eq. B.3, B.4), so training is plai
 B.5). Sampling integrates dx/dt = u_theta from t = 0 (noise) to t = 1 (a digit) with Euler steps;
 with classes, classifier-free guidance mixes the conditional and unconditional velocities. The code
 first tells the course assignment (its Part 2; Part 1 is denoise.py), a complete program read top to
-bottom: cut at the banner "beyond the assignment", its entry assignment() runs it. Below the banner,
-each section adds what goes further, and main() hands the runs that use the assignment's flags alone to
-the assignment's run().
+bottom: the text above the banner "beyond the assignment", saved as a file of its own, runs it through
+its entry assignment(). Below the banner, each section adds what goes further, and main() hands the
+runs that use the assignment's flags alone to the assignment's run().
 
     python flow.py --sample-only --ckpt samples/flow_class/model.pt --steps 10 --guidance 2   # seconds
     python flow.py --cond class --epochs 10    # the assignment's run, 4 of each digit -> runs/flow_class
@@ -251,7 +251,7 @@ def restore_random_streams(streams, device):
 
 def train_epoch(model, optimizer, data, epoch, args, loss_fn=flow_matching_loss):
     """One pass over data in a fresh random order; returns the per-step losses. data holds the images,
-    their labels, and any more per-image tensors, whose batches loss_fn receives after p_uncond."""
+    their labels, and any more per-image tensors, whose batches go to loss_fn as arguments after p_uncond."""
     device, batches = data[0].device, len(data[0]) // args.batch_size  # the last partial batch is dropped
     model.train()
     perm = torch.randperm(len(data[0]), device=device)
@@ -698,7 +698,8 @@ def keep_ema(optimizer, model, data, loss_fn, args):
 
 
 # --- DDPM on the same UNet: the assignment's optional extension, as the course's earlier DDPM version had it
-# DDPM runs the other way, from noise level NOISE_LEVELS (pure noise) down to 0 (the digit): its paper's t.
+# DDPM runs the other way, from noise level NOISE_LEVELS (mostly noise: x = 0.22 x1 + 0.98 eps with these
+# betas; sampling starts from N(0, I)) down to 0 (the digit): its paper's t.
 # The UNet's time input is level / NOISE_LEVELS, so there 1 is noise, where flow matching's t = 1 is the
 # digit. Its paper calls the digit x0; here x1 is always the digit, and the noise is eps, as there.
 # x = sqrt(a) x1 + sqrt(1 - a) eps with a = alpha_bar[level]: an affine mix like flow matching's, but not
@@ -809,8 +810,8 @@ class Autoguided(nn.Module):
 
 
 def guided(model, guide, guidance):
-    """The network to sample, and the classifier-free guidance to sample it with: the model and
-    `guidance`, or, with a guide, the autoguided model, which applies `guidance` itself, and 1."""
+    """(network, classifier-free guidance) to sample with. Without a guide: (model, guidance). With one,
+    autoguidance takes the place of classifier-free guidance: (Autoguided(model, guide, guidance), 1.0)."""
     return (model, guidance) if guide is None else (Autoguided(model, guide, guidance), 1.0)
 
 
@@ -1066,15 +1067,17 @@ def frechet_distance(a, b):
 
 def yardstick(args, device, n):
     """A verdict on n digits, as the cells of a table row: accuracy (with labels) or entropy, confidence,
-    the FD to the classifier's features of the 10,000 test digits, and the floor, the FD of n train digits."""
+    the FD to the classifier's features of the 10,000 test digits, and beside it "real", the FD of n real
+    train digits: what real digits score at this n (the FD shrinks as n grows)."""
     classifier = load_classifier(args.data, device)
     digits = lambda limit, train: to_float(load_mnist(args.data, device, limit, train)[0])
-    real = classify(classifier, digits(None, False))[2]
-    floor = frechet_distance(classify(classifier, digits(n, True))[2], real)
+    test_features = classify(classifier, digits(None, False))[2]
+    real_fd = frechet_distance(classify(classifier, digits(n, True))[2], test_features)
 
     def verdict(x, labels=None):
         value, confidence, features = classify(classifier, x, labels)
-        return f"{value:.4f} | {confidence:.4f} | {frechet_distance(features, real):.2f} | {floor:.2f}"
+        fd = frechet_distance(features, test_features)
+        return f"{value:.4f} | {confidence:.4f} | {fd:.2f} | {real_fd:.2f}"
     return verdict
 
 
@@ -1085,8 +1088,8 @@ def evaluate(model, args, device, sweep, guide=None, batch_size=100):
     verdict = yardstick(args, device, n)
     labels = torch.arange(n, device=device) % 10 if model.num_classes else None  # n/10 of each digit
     measure = "accuracy" if model.num_classes else "entropy"
-    print(f"{n} samples, seed {args.seed}; FD to the 10,000 test digits; floor: FD of {n} train digits\n"
-          f"| solver | steps | NFE | guidance | {measure} | confidence | FD | floor | straightness | s |\n|"
+    print(f"{n} samples, seed {args.seed}; FD to the 10,000 test digits; real: FD of {n} real train digits\n"
+          f"| solver | steps | NFE | guidance | {measure} | confidence | FD | real | straightness | s |\n|"
           + " ---: |" * 10)
     guidances = sweep["guidance"] if model.num_classes or guide else ["-"]
     for solver, steps, guidance in itertools.product(sweep["solver"], sweep["steps"], guidances):
@@ -1155,8 +1158,8 @@ def score_file(args, device):
         warn(f"the labels are unbalanced ({counts.tolist()}); --evaluate draws N/10 of each digit")
     verdict = yardstick(args, device, n)
     measure = "entropy" if labels is None else "accuracy"
-    print(f"{n} digits from {args.score}; FD to the 10,000 test digits; floor: FD of {n} train digits\n"
-          f"| {measure} | confidence | FD | floor |\n|" + " ---: |" * 4)
+    print(f"{n} digits from {args.score}; FD to the 10,000 test digits; real: FD of {n} real train digits\n"
+          f"| {measure} | confidence | FD | real |\n|" + " ---: |" * 4)
     print(f"| {verdict(x.to(device), None if labels is None else labels.to(device))} |")
 
 
@@ -1421,7 +1424,8 @@ def main(argv=None):
     add("--steps", type=number_list(positive(int)), metavar="N",
         help="sampling steps (default: 50; class, ddpm 300; reflow 1; --predictions 40, --likelihood 120)")
     add("--guidance", type=number_list(float), metavar="G",
-        help="Alg. B.4 gamma (default: 5; reflow, --predictions, --likelihood 1)")
+        help="Alg. B.4 gamma; with --autoguide, autoguidance's (default: 5; reflow, --predictions, "
+        "--likelihood 1)")
     add("--solver", type=number_list(str), help="euler or midpoint; ddpm: ddpm or ddim (default: the first; "
         "--likelihood midpoint)")
     add("--autoguide", metavar="CKPT", help="guide away from this weaker model, by --guidance (default: off)")

@@ -1208,7 +1208,7 @@ def test_evaluate_scores_the_samples_it_draws(class_run, mnist, capsys, monkeypa
     printed = capsys.readouterr()
     assert printed.err.count("steps, samples: 20/20, eta 0s") == 4  # each row's progress, not in the table
     lines = printed.out.splitlines()
-    assert "| accuracy | confidence | FD | floor |" in lines[1]
+    assert "| accuracy | confidence | FD | real |" in lines[1]
     rows = [line.strip("| ").split(" | ") for line in lines[3:]]
     assert [tuple(r[:4]) for r in rows] == [("euler", "1", "1", "3.0"), ("euler", "2", "2", "3.0"),
                                             ("midpoint", "1", "2", "3.0"), ("midpoint", "2", "4", "3.0")]
@@ -1219,8 +1219,8 @@ def test_evaluate_scores_the_samples_it_draws(class_run, mnist, capsys, monkeypa
     digits = lambda limit, train: flow.load_mnist(mnist, "cpu", limit, train)[0].unsqueeze(1) / 255
     real = flow.classify(classifier, digits(None, False))[2]
     fd = flow.frechet_distance(features, real)
-    floor = flow.frechet_distance(flow.classify(classifier, digits(20, True))[2], real)
-    assert rows[1][4:8] == [f"{accuracy:.4f}", f"{confidence:.4f}", f"{fd:.2f}", f"{floor:.2f}"]
+    real_fd = flow.frechet_distance(flow.classify(classifier, digits(20, True))[2], real)
+    assert rows[1][4:8] == [f"{accuracy:.4f}", f"{confidence:.4f}", f"{fd:.2f}", f"{real_fd:.2f}"]
 
 
 def test_score_gives_anyones_samples_the_verdict_evaluate_gives_its_own(class_run, mnist, tmp_path,
@@ -1236,7 +1236,7 @@ def test_score_gives_anyones_samples_the_verdict_evaluate_gives_its_own(class_ru
     torch.save({"images": x, "labels": labels}, tmp_path / "mine.pt")
     run_flow("--score", tmp_path / "mine.pt", "--data", mnist, "--device", "cpu")
     printed = capsys.readouterr()
-    assert "| accuracy | confidence | FD | floor |" in printed.out
+    assert "| accuracy | confidence | FD | real |" in printed.out
     assert printed.out.splitlines()[-1].strip("| ").split(" | ") == evaluated
     assert "compare FDs at equal N" in printed.err and "unbalanced" not in printed.err
     torch.save({"images": x, "labels": labels // 2}, tmp_path / "fives.pt")  # digits 0-4 only
@@ -1244,10 +1244,10 @@ def test_score_gives_anyones_samples_the_verdict_evaluate_gives_its_own(class_ru
     assert "the labels are unbalanced ([4, 4, 4, 4, 4, 0, 0, 0, 0, 0])" in capsys.readouterr().err
     torch.save(x, tmp_path / "unlabelled.pt")  # a time-only model's: the entropy of the digits drawn
     run_flow("--score", tmp_path / "unlabelled.pt", "--data", mnist, "--device", "cpu")
-    assert "| entropy | confidence | FD | floor |" in capsys.readouterr().out
+    assert "| entropy | confidence | FD | real |" in capsys.readouterr().out
     torch.save(20 * noise(20, seed=0), tmp_path / "broken.pt")  # a broken sampler's: scored, not refused
     run_flow("--score", tmp_path / "broken.pt", "--data", mnist, "--device", "cpu")
-    assert "| entropy | confidence | FD | floor |" in capsys.readouterr().out
+    assert "| entropy | confidence | FD | real |" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("make,says", [
