@@ -711,8 +711,8 @@ NOISE_LEVELS = 300
 @functools.cache  # made once per device, not at every training or sampling step
 @torch.inference_mode(False)  # a plain tensor even if first made while sampling, so training can use it
 def alpha_bar(device="cpu"):
-    """alpha_bar[k] = prod_{j <= k} (1 - beta_j) for levels k = 0..NOISE_LEVELS, the betas evenly spaced
-    from 1e-4 to 0.02."""
+    """alpha_bar[k] = prod_{j <= k} (1 - beta_j) for levels k = 0..NOISE_LEVELS, with betas evenly
+    spaced from 1e-4 to 0.02."""
     betas = torch.linspace(1e-4, 0.02, NOISE_LEVELS, device=device)
     return torch.cat([torch.ones(1, device=device), torch.cumprod(1 - betas, 0)])
 
