@@ -855,7 +855,7 @@ def make_pairs(teacher, args, per_file=1000, batch_size=100):
                 labels.append(torch.arange(j, j + n, device=device) % 10)
                 digits = sample(teacher, n, labels[-1], TEACHER["steps"], TEACHER["guidance"], seed,
                                 SOLVERS["flow"][TEACHER["solver"]], trajectory, args.amp)
-                x0.append(trajectory[0].to(device))
+                x0.append(trajectory[0])  # the noise, on the device like the trajectory
                 x1.append(digits.clamp(0, 1).mul(255).round().byte().squeeze(1))
                 made += n
                 show_progress("pairs made", made, args.pairs - loaded, started)
