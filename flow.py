@@ -6,8 +6,8 @@ x_t = (1 - t) x0 + t x1 moves at u = x1 - x0 (eq. B.3, B.4), so training is plai
 B.5). Sampling integrates dx/dt = u_theta from t = 0 (noise) to t = 1 (a digit) with Euler steps;
 with classes, classifier-free guidance mixes the conditional and unconditional velocities. The code
 first tells the course assignment (its Part 2; Part 1 is denoise.py), a complete program read top to
-bottom: the text above the banner "beyond the assignment", saved as a file of its own, runs it through
-its entry assignment(). Below the banner, each section adds what goes further, and main() hands the
+bottom: the text above the banner "beyond the assignment", saved as a file of its own with a last line
+assignment(), runs it. Below the banner, each section adds what goes further, and main() hands the
 runs that use the assignment's flags alone to the assignment's run().
 
     python flow.py --sample-only --ckpt samples/flow_class/model.pt --steps 10 --guidance 2   # seconds
